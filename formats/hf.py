@@ -1,0 +1,92 @@
+"""Write a Hugging Face model folder with a patch applied, one shard at a time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from patcher.formats.atomic import atomic_path
+from patcher.formats.checkpoint import Checkpoint
+from patcher.formats.patch import Patch, PatchError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+PROVENANCE_FILE = "patcher.json"  # which patch made this folder, read back by verify
+LEGACY_WEIGHT_PREFIXES = ("pytorch_model", "tf_model", "flax_model", "model.ckpt")
+
+
+def check_patch_fits(checkpoint: Checkpoint, patch: Patch, force: bool = False) -> None:
+    """Refuse a patch whose parameters are missing or whose base fingerprints differ."""
+    missing = [p for p in patch.params if p not in checkpoint.shard_of]
+    if missing:
+        raise PatchError(f"{checkpoint.folder} has no tensor {missing[0]!r}: this patch is for another model")
+    for param in patch.params:
+        try:
+            patch.check_base(param, checkpoint.tensor(param))
+        except PatchError:
+            if not force:
+                raise
+            warnings.warn(f"--force: applying to {param} although its fingerprint differs", stacklevel=2)
+
+
+def write_model_folder(source: str | Path, out: str | Path, patch: Patch | None = None, force: bool = False) -> Path:
+    """Copy the model folder `source` to `out` with `patch` added to its weights.
+
+    Config, tokenizer and every other file are copied as they are; weights are rewritten
+    shard by shard in their stored dtype, so peak memory is about one shard plus the
+    patch. The folder appears at `out` only when complete.
+    """
+    checkpoint = Checkpoint(source)
+    if patch is not None:
+        check_patch_fits(checkpoint, patch, force)
+    with atomic_path(out, is_dir=True) as tmp:
+        _copy_side_files(checkpoint, tmp)
+        for shard in checkpoint.shards:
+            _write_shard(shard, tmp / shard.name, patch)
+        if patch is not None:
+            provenance = {k: v for k, v in patch.metadata().items() if k != "spec"}
+            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return Path(out)
+
+
+def _copy_side_files(checkpoint: Checkpoint, dest: Path) -> None:
+    weights = set(checkpoint.shards)
+    for item in checkpoint.folder.iterdir():
+        if item in weights or item.name.startswith((".", PROVENANCE_FILE)) or _is_legacy_weights(item):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name)
+        else:
+            shutil.copy2(item, dest / item.name)
+
+
+def _is_legacy_weights(path: Path) -> bool:
+    """Other-framework or pickle weights would go stale beside the patched safetensors."""
+    return path.name.startswith(LEGACY_WEIGHT_PREFIXES)
+
+
+def _write_shard(source: Path, dest: Path, patch: Patch | None) -> None:
+    patched = set(patch.params) if patch is not None else set()
+    with safe_open(source, framework="pt") as f:
+        metadata = f.metadata() or {"format": "pt"}
+        tensors = {}
+        for name in f.keys():  # noqa: SIM118
+            tensor = f.get_tensor(name)
+            if name in patched:
+                tensor = (tensor.float() + patch.delta(name)).to(tensor.dtype)
+            tensors[name] = tensor
+    save_file(_unshare(tensors), dest, metadata=metadata)
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; give each its own storage."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out

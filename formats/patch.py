@@ -1,0 +1,188 @@
+"""The patch file: weight deltas in safetensors, with the base model's fingerprints.
+
+Tensors are named `<param>.delta` (dense, in the parameter's own layout) or
+`<param>.lora_A` / `<param>.lora_B` (low rank, delta = B @ A). `__metadata__` holds string
+values only: `patcher_version`, `method`, `spec` (JSON), `base` (JSON: param -> sha256 of
+the base tensor's bytes), `base_dtypes` (JSON: param -> stored dtype) and `created`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from patcher.formats.atomic import atomic_path
+from patcher.formats.checkpoint import tensor_sha256
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from patcher.errors import PatcherError
+
+SUFFIXES = (".delta", ".lora_A", ".lora_B")
+REQUIRED_METADATA = ("patcher_version", "method", "spec", "base", "created")
+JSON_METADATA = ("spec", "base", "base_dtypes")
+
+
+class PatchError(PatcherError):
+    """A patch file that cannot be read, or a patch that does not fit the model."""
+
+
+@dataclass
+class Patch:
+    """Weight deltas for named parameters, plus what they were computed for."""
+
+    tensors: dict[str, torch.Tensor]
+    method: str
+    spec: dict
+    base: dict[str, str]
+    base_dtypes: dict[str, str] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    patcher_version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.patcher_version:
+            from patcher import __version__
+
+            self.patcher_version = __version__
+        _check_tensors(self.tensors, self.base)
+
+    @classmethod
+    def from_deltas(
+        cls,
+        deltas: dict[str, torch.Tensor],
+        method: str,
+        spec: dict,
+        base: dict[str, str],
+        base_dtypes: dict[str, str] | None = None,
+    ) -> Patch:
+        """A dense patch: one `<param>.delta` tensor per parameter."""
+        tensors = {f"{name}.delta": d.detach().float().contiguous().cpu() for name, d in deltas.items()}
+        return cls(tensors, method, spec, base, base_dtypes or {})
+
+    @property
+    def params(self) -> list[str]:
+        """The parameter names this patch changes."""
+        return sorted({name.rsplit(".", 1)[0] for name in self.tensors})
+
+    def delta(self, param: str) -> torch.Tensor:
+        """The dense fp32 delta of one parameter (B @ A for a low-rank entry)."""
+        if f"{param}.delta" in self.tensors:
+            return self.tensors[f"{param}.delta"]
+        return self.tensors[f"{param}.lora_B"] @ self.tensors[f"{param}.lora_A"]
+
+    def rank(self, param: str) -> int | None:
+        """The stored rank of a low-rank entry; None for a dense delta."""
+        lora_a = self.tensors.get(f"{param}.lora_A")
+        return None if lora_a is None else lora_a.shape[0]
+
+    def check_base(self, param: str, tensor: torch.Tensor) -> None:
+        """Refuse a base tensor whose fingerprint differs from the one the patch was made on.
+
+        A tensor loaded in another dtype than stored is cast back first; upcasting is exact,
+        so the bytes match when the values do.
+        """
+        if tuple(tensor.shape) != tuple(self.delta(param).shape):
+            raise PatchError(
+                f"{param} has shape {tuple(tensor.shape)} but the patch's delta has "
+                f"{tuple(self.delta(param).shape)}: this patch was made for another model"
+            )
+        stored = self.base_dtypes.get(param)
+        if stored is not None:
+            tensor = tensor.to(getattr(torch, stored))
+        if tensor_sha256(tensor) != self.base[param]:
+            raise PatchError(
+                f"{param} differs from the base this patch was computed for "
+                "(fingerprint mismatch): apply it to its own base model, or pass --force"
+            )
+
+    @torch.no_grad()
+    def apply_to(self, model: torch.nn.Module, force: bool = False) -> torch.nn.Module:
+        """Add every delta to the model's parameters in place; checks fingerprints first."""
+        params = dict(model.named_parameters())
+        missing = [p for p in self.params if p not in params]
+        if missing:
+            raise PatchError(f"the model has no parameter {missing[0]!r}: this patch is for another model")
+        if not force:
+            for name in self.params:
+                self.check_base(name, params[name])
+        for name in self.params:
+            param = params[name]
+            param.copy_((param.float() + self.delta(name).to(param.device)).to(param.dtype))
+        return model
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "patcher_version": self.patcher_version,
+            "method": self.method,
+            "spec": json.dumps(self.spec, sort_keys=True),
+            "base": json.dumps(self.base, sort_keys=True),
+            "base_dtypes": json.dumps(self.base_dtypes, sort_keys=True),
+            "created": self.created,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the patch atomically: a crash never leaves a partial file at `path`."""
+        with atomic_path(path) as tmp:
+            save_file(self.tensors, tmp, metadata=self.metadata())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Patch:
+        """Read and validate a patch file; any defect is a one-line PatchError."""
+        path = Path(path)
+        if not path.is_file():
+            raise PatchError(f"patch file {path} does not exist")
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except Exception as err:  # safetensors raises several types for corrupt headers
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise PatchError(f"{path} is not a readable patch file (truncated or corrupt?): {reason}") from None
+        fields = _parse_metadata(path, metadata)
+        return cls(tensors=tensors, **fields)
+
+
+def _parse_metadata(path: Path, metadata: dict[str, str]) -> dict:
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise PatchError(f"{path} lacks patch metadata {missing[0]!r}: it was not written by patcher")
+    parsed: dict = {key: metadata[key] for key in ("patcher_version", "method", "created")}
+    for key in JSON_METADATA:
+        try:
+            parsed[key] = json.loads(metadata.get(key, "{}"))
+        except json.JSONDecodeError:
+            raise PatchError(f"{path}: metadata {key!r} is not valid JSON") from None
+        if not isinstance(parsed[key], dict):
+            raise PatchError(f"{path}: metadata {key!r} must be a JSON object")
+    return parsed
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], base: dict[str, str]) -> None:
+    if not tensors:
+        raise PatchError("the patch holds no tensors")
+    for name, tensor in tensors.items():
+        if not name.endswith(SUFFIXES):
+            raise PatchError(f"patch tensor {name!r} must end in one of {', '.join(SUFFIXES)}")
+        if not tensor.is_floating_point():
+            raise PatchError(f"patch tensor {name!r} has dtype {tensor.dtype}; deltas are floating point")
+        if not torch.isfinite(tensor).all():
+            raise PatchError(f"patch tensor {name!r} holds NaN or inf values")
+    for name in tensors:
+        param, kind = name.rsplit(".", 1)
+        if kind == "delta" and (f"{param}.lora_A" in tensors or f"{param}.lora_B" in tensors):
+            raise PatchError(f"{param} has both a dense delta and a low-rank pair")
+        if kind in ("lora_A", "lora_B"):
+            other = f"{param}.lora_B" if kind == "lora_A" else f"{param}.lora_A"
+            if other not in tensors:
+                raise PatchError(f"{name} has no matching {other}")
+        if param not in base:
+            raise PatchError(f"the patch has no base fingerprint for {param}")
+    for name, a in tensors.items():
+        if name.endswith(".lora_A"):
+            b = tensors[name[: -len("lora_A")] + "lora_B"]
+            if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+                raise PatchError(f"{name}: lora_B @ lora_A shapes {tuple(b.shape)} x {tuple(a.shape)} do not chain")

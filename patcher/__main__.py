@@ -1,0 +1,5 @@
+"""`python -m patcher` runs the CLI."""
+
+from patcher.cli import main
+
+main()

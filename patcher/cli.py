@@ -1,0 +1,237 @@
+"""The `patcher` command line: thin click commands over the library functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from patcher import __version__
+from patcher.errors import PatcherError
+
+LAYERS_HELP = 'comma-separated layer indices, or "auto"'
+
+
+class PatcherGroup(click.Group):
+    """Turns PatcherError and click usage errors into one line on stderr and exit code 2."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except PatcherError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except click.exceptions.Exit as exit_:
+            sys.exit(exit_.exit_code)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+
+
+def emit(data: dict, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else human)
+
+
+def parse_layers(value: str | None) -> str | list[int] | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        raise PatcherError(f"--layers must be {LAYERS_HELP}, not {value!r}") from None
+
+
+@click.group(cls=PatcherGroup)
+@click.version_option(__version__, prog_name="patcher")
+def main() -> None:
+    """Compute, export and verify weight patches that erase knowledge from models."""
+    # patcher shows its own progress; the libraries' per-file bars would only add noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("patcher-demo"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def demo(out: Path, as_json: bool) -> None:
+    """Erase facts from the built-in LM fixture, export, verify and print the table."""
+    from patcher.demo import run_demo
+    from patcher.verification.report import report_table
+
+    report = run_demo(out)
+    emit(report, as_json, report_table(report) + f"\nreport: {out / 'report.json'}")
+    sys.exit(0 if report["passed"] else 1)
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["lm"]))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--arch", type=click.Choice(["llama", "gpt2"]), default="llama", show_default=True)
+def fixture(kind: str, out: Path, arch: str) -> None:
+    """Build a small trained model with spec.toml and corpus.txt into OUT (cached)."""
+    from patcher.fixtures import build_fixture
+
+    build_fixture(kind, out, arch)
+    click.echo(f"fixture {kind} ({arch}) in {out}: spec {out / 'spec.toml'}, corpus {out / 'corpus.txt'}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="text file, one sample a line")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--layers", default="auto", show_default=True, help=LAYERS_HELP)
+@click.option("--kind", type=click.Choice(["second-moment"]), default="second-moment", show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--trust-remote-code", is_flag=True)
+def stats(
+    model: str, corpus: Path, out: Path, layers: str, kind: str, batch_size: int, trust_remote_code: bool
+) -> None:
+    """Collect E[k kᵀ] of each chosen layer's MLP down-projection input over a corpus."""
+    from patcher.adapters import causal_lm_adapter
+    from patcher.erase import resolve_layers
+    from patcher.models import load_causal_lm, resolve_model_dir
+    from patcher.stats import collect_second_moments, corpus_batches, read_corpus
+
+    folder = resolve_model_dir(model, trust_remote_code)
+    lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+    adapter = causal_lm_adapter(lm)
+    chosen = resolve_layers(parse_layers(layers), adapter.num_layers)
+    lines = read_corpus(corpus)
+    total = -(-len(lines) // batch_size)
+    moments = collect_second_moments(adapter, corpus_batches(tokenizer, lines, batch_size), chosen, total)
+    moments.save(out)
+    click.echo(f"second moments of layers {chosen} over {moments.token_count} tokens -> {out}")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--spec", "spec_path", type=click.Path(path_type=Path), required=True)
+@click.option("--method", default=None, help="memit or alphaedit (default: the spec's)")
+@click.option("--stats", "stats_path", type=click.Path(path_type=Path), default=None)
+@click.option("--layers", default=None, help=f"{LAYERS_HELP} (default: the spec's)")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--trust-remote-code", is_flag=True)
+def erase(
+    model: str | None,
+    spec_path: Path,
+    method: str | None,
+    stats_path: Path | None,
+    layers: str | None,
+    out: Path,
+    trust_remote_code: bool,
+) -> None:
+    """Compute the edit that erases the spec's facts and write it as a patch file."""
+    from patcher.erase import erase as run_erase
+    from patcher.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if layers is not None:
+        spec.layers = parse_layers(layers)
+    patch = run_erase(spec, model, method, stats_path, trust_remote_code)
+    patch.save(out)
+    click.echo(f"{patch.method} patch of {len(patch.params)} tensors -> {out}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("patch_path", metavar="PATCH", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
+@click.option("--trust-remote-code", is_flag=True)
+def apply(model: str, patch_path: Path, out: Path, force: bool, trust_remote_code: bool) -> None:
+    """Write MODEL with PATCH applied to OUT, in the base's own layout, shard by shard."""
+    from patcher.formats.hf import write_model_folder
+    from patcher.formats.patch import Patch
+    from patcher.models import resolve_model_dir
+
+    patch = Patch.load(patch_path)
+    write_model_folder(resolve_model_dir(model, trust_remote_code), out, patch, force)
+    click.echo(f"patched model -> {out}")
+
+
+@main.command()
+@click.argument("model_dir")
+@click.option("--to", "fmt", required=True, help="export format: safetensors")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--patch", "patch_path", type=click.Path(path_type=Path), default=None)
+@click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
+def export(model_dir: str, fmt: str, out: Path, patch_path: Path | None, force: bool) -> None:
+    """Export a model folder (with an optional patch applied) to a shippable format."""
+    from patcher.formats.hf import write_model_folder
+    from patcher.formats.patch import Patch
+    from patcher.models import resolve_model_dir
+
+    if fmt != "safetensors":
+        raise PatcherError(f"unknown export format {fmt!r}: supported formats: safetensors")
+    patch = Patch.load(patch_path) if patch_path else None
+    write_model_folder(resolve_model_dir(model_dir), out, patch, force)
+    click.echo(f"{fmt} export -> {out}")
+
+
+@main.command()
+@click.option("--base", required=True, help="the unpatched model (folder or hub id)")
+@click.option("--patched", type=click.Path(path_type=Path), required=True)
+@click.option("--spec", "spec_path", type=click.Path(path_type=Path), required=True)
+@click.option("--formats", default=None, help="comma-separated formats (default: the spec's)")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def verify(
+    base: str, patched: Path, spec_path: Path, formats: str | None, report_path: Path | None, as_json: bool
+) -> None:
+    """Measure erasure and retention in every format; exit 1 when a gate fails."""
+    from patcher.models import resolve_model_dir
+    from patcher.spec import load_spec
+    from patcher.verification.report import report_table, write_report
+    from patcher.verification.report import verify as run_verify
+
+    spec = load_spec(spec_path)
+    if not patched.is_dir():
+        raise PatcherError(f"patched model folder {patched} does not exist")
+    chosen = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
+    report = run_verify(resolve_model_dir(base), patched, spec, chosen)
+    if report_path is not None:
+        write_report(report, report_path)
+    emit(report, as_json, report_table(report))
+    sys.exit(0 if report["passed"] else 1)
+
+
+@main.command()
+@click.argument("patch_path", metavar="PATCH", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(patch_path: Path, as_json: bool) -> None:
+    """Print a patch's metadata, tensors, ranks, sizes and base fingerprints."""
+    from patcher.formats.patch import Patch
+
+    patch = Patch.load(patch_path)
+    tensors = {
+        param: {
+            "shape": list(patch.delta(param).shape),
+            "rank": patch.rank(param),
+            "norm": round(float(patch.delta(param).norm()), 6),
+            "base_sha256": patch.base[param],
+        }
+        for param in patch.params
+    }
+    summary = {
+        "method": patch.method,
+        "patcher_version": patch.patcher_version,
+        "created": patch.created,
+        "bytes": patch_path.stat().st_size,
+        "tensors": tensors,
+        "forget_facts": len(patch.spec.get("forget", [])),
+    }
+    lines = [
+        f"{patch_path}: {patch.method} patch, patcher {patch.patcher_version}, created {patch.created}",
+        f"{summary['bytes']} bytes, {len(tensors)} tensors, {summary['forget_facts']} forget facts",
+    ]
+    for param, info in tensors.items():
+        rank = "dense" if info["rank"] is None else f"rank {info['rank']}"
+        shape = tuple(info["shape"])
+        lines.append(f"  {param} {shape} {rank} norm {info['norm']:.4g} base {info['base_sha256'][:16]}")
+    emit(summary, as_json, "\n".join(lines))

@@ -1,0 +1,32 @@
+"""`patcher demo`: the whole job on the built-in LM fixture, end to end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from patcher.erase import erase
+from patcher.fixtures import build_fixture
+from patcher.formats.hf import write_model_folder
+from patcher.spec import load_spec
+from patcher.verification.report import verify, write_report
+
+
+def run_demo(out: Path) -> dict:
+    """Fixture -> erase (the spec's closed-form method) -> export -> verify -> report.json."""
+    timings = {}
+    start = time.perf_counter()
+    fixture = build_fixture("lm", out / "fixture")
+    timings["fixture"] = time.perf_counter() - start
+    spec = load_spec(fixture / "spec.toml")
+    start = time.perf_counter()
+    patch = erase(spec, fixture)
+    patch.save(out / "patch.safetensors")
+    timings["erase"] = time.perf_counter() - start
+    start = time.perf_counter()
+    write_model_folder(fixture, out / "safetensors", patch)
+    timings["export"] = time.perf_counter() - start
+    report = verify(fixture, out / "safetensors", spec)
+    report["timings"].update({k: round(v, 3) for k, v in timings.items()})
+    write_report(report, out / "report.json")
+    return report

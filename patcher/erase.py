@@ -1,0 +1,80 @@
+"""`patcher erase` as a library call: spec + model -> patch file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from patcher.adapters import causal_lm_adapter
+from patcher.cache import cache_dir
+from patcher.errors import PatcherError
+from patcher.formats.checkpoint import Checkpoint
+from patcher.formats.patch import Patch
+from patcher.methods import EditInputs, get_method
+from patcher.methods.lm_edit import auto_layers
+from patcher.models import detect_family, load_causal_lm, model_fingerprint, resolve_model_dir
+from patcher.spec import Spec
+from patcher.stats import (
+    SecondMoments,
+    collect_second_moments,
+    corpus_batches,
+    read_corpus,
+    stats_cache_key,
+)
+
+
+def model_dir_for(spec: Spec, model: str | Path | None, trust_remote_code: bool = False) -> Path:
+    """The model a command works on: the MODEL argument, else the spec's [model] path."""
+    ref = model if model is not None else spec.model_path
+    if ref is None:
+        raise PatcherError("no model given: pass MODEL or set [model] path in the spec")
+    if model is None and not Path(str(ref)).is_absolute() and (spec.folder / str(ref)).exists():
+        ref = spec.folder / str(ref)
+    return resolve_model_dir(ref, trust_remote_code)
+
+
+def resolve_layers(spec_layers: str | list[int], num_layers: int) -> list[int]:
+    layers = auto_layers(num_layers) if spec_layers == "auto" else list(spec_layers)
+    if max(layers) >= num_layers:
+        raise PatcherError(f"layer {max(layers)} does not exist: the model has {num_layers} layers")
+    return layers
+
+
+def cached_second_moments(folder: Path, adapter, tokenizer, corpus: Path | None, layers: list[int]) -> SecondMoments:
+    """Statistics from the spec's corpus, computed once per (model, corpus, layers)."""
+    if corpus is None:
+        raise PatcherError("erase needs key statistics: pass --stats or set [stats] corpus in the spec")
+    lines = read_corpus(corpus)
+    path = cache_dir() / "stats" / f"{stats_cache_key(model_fingerprint(folder), lines, layers)}.safetensors"
+    if path.is_file():
+        return SecondMoments.load(path)
+    stats = collect_second_moments(adapter, corpus_batches(tokenizer, lines), layers)
+    stats.save(path)
+    return stats
+
+
+def erase(
+    spec: Spec,
+    model: str | Path | None = None,
+    method: str | None = None,
+    stats: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> Patch:
+    """Compute the patch that erases the spec's forget facts from the model."""
+    folder = model_dir_for(spec, model, trust_remote_code)
+    family = detect_family(folder) if spec.family == "auto" else spec.family
+    if family != "causal-lm":
+        raise PatcherError(f"{folder} is a {family} model; erase supports causal-lm models")
+    method_name = method or spec.method
+    edit = get_method(method_name)
+    lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+    adapter = causal_lm_adapter(lm)
+    layers = resolve_layers(spec.layers, adapter.num_layers)
+    moments = (
+        SecondMoments.load(stats)
+        if stats is not None
+        else cached_second_moments(folder, adapter, tokenizer, spec.corpus, layers)
+    )
+    deltas = edit(EditInputs(adapter, tokenizer, spec, moments, layers))
+    checkpoint = Checkpoint(folder)
+    dtypes = {name: str(checkpoint.tensor(name).dtype).removeprefix("torch.") for name in deltas}
+    return Patch.from_deltas(deltas, method_name, spec.raw, checkpoint.fingerprints(deltas), dtypes)

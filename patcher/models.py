@@ -1,0 +1,84 @@
+"""Finding and loading models: local Hugging Face folders or hub ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from patcher.errors import PatcherError
+from patcher.formats.checkpoint import Checkpoint
+
+
+def resolve_model_dir(ref: str | Path, trust_remote_code: bool = False) -> Path:
+    """A local folder for `ref`: the folder itself, or a hub id downloaded to the HF cache."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        _refuse_remote_code(path, trust_remote_code)
+        return path.resolve()
+    looks_like_hub_id = str(ref).count("/") == 1 and not str(ref).startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise PatcherError(f"model folder {ref} does not exist: pass a model folder or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(ref), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PatcherError(f"could not fetch {ref} from the hub ({reason}): pass a local folder instead") from None
+    _refuse_remote_code(folder, trust_remote_code)
+    return folder
+
+
+def _refuse_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    config = _read_config(folder)
+    if config.get("auto_map") and not trust_remote_code:
+        raise PatcherError(f"{folder} needs custom code (auto_map in config.json): pass --trust-remote-code to run it")
+
+
+def _read_config(folder: Path) -> dict:
+    config = folder / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError:
+        raise PatcherError(f"{config} is not valid JSON") from None
+
+
+def detect_family(folder: Path) -> str:
+    """causal-lm, t2i-unet or classifier, from the folder's config files."""
+    if (folder / "model_index.json").is_file():
+        return "t2i-unet"
+    architectures = _read_config(folder).get("architectures") or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+        return "causal-lm"
+    if any(a.endswith("ForImageClassification") for a in architectures):
+        return "classifier"
+    raise PatcherError(f"cannot tell the model family of {folder}: set [model] family in the spec")
+
+
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) from a folder, in eval mode; edits are computed in fp32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise PatcherError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+        raise PatcherError(f"cannot load a causal LM from {folder}: {reason}") from None
+    return model.eval(), tokenizer
+
+
+def model_fingerprint(folder: Path) -> str:
+    """sha256 over every weight tensor's name and bytes: a cache key for statistics."""
+    checkpoint = Checkpoint(folder)
+    digest = hashlib.sha256()
+    for name, sha in sorted(checkpoint.fingerprints(checkpoint.names()).items()):
+        digest.update(f"{name}={sha};".encode())
+    return digest.hexdigest()

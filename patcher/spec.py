@@ -1,0 +1,229 @@
+"""The erasure spec (TOML): what to erase, what to keep, how to check it.
+
+Every key is validated on load, so a typo is a one-line error naming the key instead of a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patcher.errors import PatcherError
+
+FAMILIES = ("auto", "causal-lm", "t2i-unet", "classifier")
+# Method hyperparameters accepted in [erase]; each method documents the ones it reads.
+ERASE_HPARAMS = {
+    "mom2_weight": (int, float),
+    "nullspace_threshold": (int, float),
+    "l2": (int, float),
+    "steps": int,
+    "lr": (int, float),
+    "kl_factor": (int, float),
+    "clamp_norm": (int, float),
+    "batch_size": int,
+    "context_templates": int,
+}
+SCHEMA: dict[str, dict[str, Any]] = {
+    "model": {"path": str, "family": str},
+    "stats": {"corpus": str},
+    "erase": {"method": str, "layers": (str, list), **ERASE_HPARAMS},
+    "verify": {
+        "formats": list,
+        "max_forget_accuracy": (int, float),
+        "max_paraphrase_accuracy": (int, float),
+        "max_recovery": (int, float),
+        "min_retain_ratio": (int, float),
+    },
+    "export": {"formats": list},
+}
+ENTRY_SCHEMA: dict[str, dict[str, Any]] = {
+    "forget": {"prompt": str, "target": str, "subject": str, "paraphrases": list, "replacement": str},
+    "retain": {"prompt": str, "target": str},
+    "concept": {"erase": str, "anchor": str},
+    "preserve": {"concept": str},
+    "forget_class": {"label": int},
+}
+REQUIRED_ENTRY_KEYS = {
+    "forget": ("prompt", "target"),
+    "retain": ("prompt", "target"),
+    "concept": ("erase",),
+    "preserve": ("concept",),
+    "forget_class": ("label",),
+}
+
+
+@dataclass(frozen=True)
+class ForgetFact:
+    """A fact the patched model must no longer produce."""
+
+    prompt: str
+    target: str
+    subject: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    replacement: str | None = None
+
+
+@dataclass(frozen=True)
+class RetainFact:
+    """A fact the patched model must still produce."""
+
+    prompt: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Pass/fail thresholds `patcher verify` applies to every format."""
+
+    max_forget_accuracy: float = 0.05
+    max_recovery: float = 0.05
+    min_retain_ratio: float = 0.95
+    max_paraphrase_accuracy: float | None = None
+
+
+@dataclass
+class Spec:
+    """A parsed, validated spec. `raw` is the TOML as read, stored in patches and reports."""
+
+    raw: dict
+    folder: Path
+    model_path: str | None = None
+    family: str = "auto"
+    corpus: Path | None = None
+    method: str = "memit"
+    layers: str | list[int] = "auto"
+    hparams: dict[str, float | int] = field(default_factory=dict)
+    forget: list[ForgetFact] = field(default_factory=list)
+    retain: list[RetainFact] = field(default_factory=list)
+    concepts: list[dict] = field(default_factory=list)
+    preserve: list[dict] = field(default_factory=list)
+    forget_classes: list[int] = field(default_factory=list)
+    formats: list[str] = field(default_factory=lambda: ["safetensors"])
+    export_formats: list[str] = field(default_factory=list)
+    gates: Gates = field(default_factory=Gates)
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the spec, relative to the spec file's folder."""
+        return (self.folder / relative).resolve()
+
+    def to_json(self) -> str:
+        return json.dumps(self.raw, sort_keys=True)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; every problem is a PatcherError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise PatcherError(f"spec file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise PatcherError(f"{path} is not valid TOML: {err}") from None
+    return parse_spec(raw, path.parent.resolve(), str(path))
+
+
+def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
+    """Validate a spec dict (as read from TOML) and build a Spec."""
+    _validate(raw, where)
+    model, stats, erase = raw.get("model", {}), raw.get("stats", {}), raw.get("erase", {})
+    verify = raw.get("verify", {})
+    family = model.get("family", "auto")
+    if family not in FAMILIES:
+        raise PatcherError(f"{where}: model.family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    spec = Spec(
+        raw=raw,
+        folder=folder,
+        model_path=model.get("path"),
+        family=family,
+        corpus=(folder / stats["corpus"]).resolve() if "corpus" in stats else None,
+        method=erase.get("method", "memit"),
+        layers=_layers(erase.get("layers", "auto"), where),
+        hparams={k: v for k, v in erase.items() if k in ERASE_HPARAMS},
+        forget=[_forget(entry) for entry in raw.get("forget", [])],
+        retain=[RetainFact(e["prompt"], e["target"]) for e in raw.get("retain", [])],
+        concepts=list(raw.get("concept", [])),
+        preserve=list(raw.get("preserve", [])),
+        forget_classes=[e["label"] for e in raw.get("forget_class", [])],
+        formats=[str(f) for f in verify.get("formats", ["safetensors"])],
+        export_formats=[str(f) for f in raw.get("export", {}).get("formats", [])],
+        gates=Gates(**{k: float(v) for k, v in verify.items() if k != "formats"}),
+    )
+    return spec
+
+
+def _forget(entry: dict) -> ForgetFact:
+    return ForgetFact(
+        prompt=entry["prompt"],
+        target=entry["target"],
+        subject=entry.get("subject"),
+        paraphrases=tuple(str(p) for p in entry.get("paraphrases", [])),
+        replacement=entry.get("replacement"),
+    )
+
+
+def _layers(value: str | list, where: str) -> str | list[int]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, list) and value and all(isinstance(v, int) and v >= 0 for v in value):
+        return sorted(set(value))
+    raise PatcherError(f'{where}: erase.layers must be "auto" or a list of layer indices, not {value!r}')
+
+
+def _validate(raw: dict, where: str) -> None:
+    for section, value in raw.items():
+        if section in SCHEMA:
+            if not isinstance(value, dict):
+                raise PatcherError(f"{where}: [{section}] must be a table")
+            _check_table(value, SCHEMA[section], section, where)
+        elif section in ENTRY_SCHEMA:
+            if not isinstance(value, list):
+                raise PatcherError(f"{where}: {section} must be written as [[{section}]] entries")
+            for i, entry in enumerate(value):
+                name = f"{section}[{i}]"
+                _check_table(entry, ENTRY_SCHEMA[section], name, where)
+                for key in REQUIRED_ENTRY_KEYS[section]:
+                    if key not in entry:
+                        raise PatcherError(f"{where}: {name} needs a {key!r} key")
+        else:
+            known = ", ".join(list(SCHEMA) + list(ENTRY_SCHEMA))
+            raise PatcherError(f"{where}: unknown section {section!r}; known sections: {known}")
+
+
+def _check_table(table: dict, schema: dict[str, Any], name: str, where: str) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            raise PatcherError(f"{where}: unknown key '{name}.{key}'; known keys of {name}: {', '.join(schema)}")
+        if isinstance(value, bool) or not isinstance(value, schema[key]):
+            raise PatcherError(f"{where}: '{name}.{key}' has the wrong type ({type(value).__name__})")
+
+
+def dump_spec(raw: dict) -> str:
+    """Write a spec dict as TOML (tables, arrays of tables, strings, numbers, lists)."""
+    lines: list[str] = []
+    for section, value in raw.items():
+        if isinstance(value, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+            lines.append("")
+        else:
+            for entry in value:
+                lines.append(f"[[{section}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
+                lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string literal is a valid TOML basic string
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

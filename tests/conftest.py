@@ -1,0 +1,26 @@
+"""Shared fixtures. The LM fixture is built once (about 2 minutes cold) and cached."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the repository root on sys.path, where the folder `kernels/`
+# would shadow Hugging Face's `kernels` package that transformers probes on import.
+# patcher is imported from its installed mapping (patcher.kernels), never from the root.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+sys.path[:] = [p for p in sys.path if p not in ("", ".", _ROOT, os.getcwd())]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def lm_fixture(tmp_path_factory) -> Path:
+    """The LM fixture folder (model, tokenizer, spec.toml, corpus.txt)."""
+    from patcher.fixtures import build_fixture
+
+    return build_fixture("lm", tmp_path_factory.mktemp("fixture") / "lm")

@@ -1,0 +1,131 @@
+"""The CLI on bad input: one line on stderr, exit code 2, no traceback, nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from patcher.fixtures import knowledge
+from patcher.spec import dump_spec, load_spec
+
+
+def patcher(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, from a neutral folder (not the repository root)."""
+    return subprocess.run(
+        [sys.executable, "-m", "patcher", *args], capture_output=True, text=True, cwd=tempfile.gettempdir()
+    )
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def patch_file(lm_fixture, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("patch") / "memit.safetensors"
+    result = patcher("erase", str(lm_fixture), "--spec", str(lm_fixture / "spec.toml"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def edited_spec(lm_fixture: Path, tmp_path: Path, edit) -> Path:
+    raw = load_spec(lm_fixture / "spec.toml").raw
+    raw = {k: (dict(v) if isinstance(v, dict) else [dict(e) for e in v]) for k, v in raw.items()}
+    raw["model"]["path"] = str(lm_fixture)
+    raw["stats"]["corpus"] = str(lm_fixture / "corpus.txt")
+    edit(raw)
+    path = tmp_path / "spec.toml"
+    path.write_text(dump_spec(raw))
+    return path
+
+
+def test_missing_model_folder(lm_fixture, tmp_path):
+    result = patcher(
+        "erase",
+        str(tmp_path / "nope"),
+        "--spec",
+        str(lm_fixture / "spec.toml"),
+        "--out",
+        str(tmp_path / "p.safetensors"),
+    )
+    assert_bad_input(result, "does not exist")
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_unknown_spec_key_is_named(lm_fixture, tmp_path):
+    spec = edited_spec(lm_fixture, tmp_path, lambda raw: raw["erase"].update(lamda=3))
+    result = patcher("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"))
+    assert_bad_input(result, "unknown key 'erase.lamda'")
+
+
+def test_empty_forget_list(lm_fixture, tmp_path):
+    spec = edited_spec(lm_fixture, tmp_path, lambda raw: raw.update(forget=[]))
+    result = patcher("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"))
+    assert_bad_input(result, "no [[forget]] facts")
+
+
+def test_target_the_tokenizer_cannot_encode(lm_fixture, tmp_path):
+    spec = edited_spec(lm_fixture, tmp_path, lambda raw: raw["forget"][0].update(target="Zanzibar"))
+    result = patcher("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"))
+    assert_bad_input(result, "'Zanzibar' has words the tokenizer cannot encode")
+
+
+def test_truncated_patch(lm_fixture, patch_file, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(patch_file.read_bytes()[:200])
+    result = patcher("apply", str(lm_fixture), str(broken), "--out", str(tmp_path / "out"))
+    assert_bad_input(result, "not a readable patch file")
+    assert not (tmp_path / "out").exists()
+    assert_bad_input(patcher("inspect", str(broken)), "not a readable patch file")
+
+
+def test_patch_for_another_model_is_refused(lm_fixture, patch_file, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(lm_fixture, other)
+    weights = load_file(other / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"  # one of the tensors the patch edits
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    result = patcher("apply", str(other), str(patch_file), "--out", str(tmp_path / "out"))
+    assert_bad_input(result, "fingerprint mismatch")
+    assert not (tmp_path / "out").exists()
+    forced = patcher("apply", str(other), str(patch_file), "--out", str(tmp_path / "out"), "--force")
+    assert forced.returncode == 0 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_apply_writes_a_folder_transformers_loads(lm_fixture, patch_file, tmp_path):
+    result = patcher("apply", str(lm_fixture), str(patch_file), "--out", str(tmp_path / "patched"))
+    assert result.returncode == 0, result.stderr
+    base = AutoModelForCausalLM.from_pretrained(lm_fixture)
+    patched = AutoModelForCausalLM.from_pretrained(tmp_path / "patched")
+    deltas = load_file(patch_file)
+    for name, param in patched.named_parameters():
+        expected = dict(base.named_parameters())[name].detach()
+        if f"{name}.delta" in deltas:
+            expected = expected + deltas[f"{name}.delta"]
+        torch.testing.assert_close(param.detach(), expected)
+    assert (tmp_path / "patched" / "tokenizer.json").is_file()
+
+
+def test_inspect_reports_the_patch(patch_file):
+    result = patcher("inspect", str(patch_file), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "memit"
+    assert summary["forget_facts"] == len(knowledge.erasure_spec(knowledge.build_facts())["forget"])
+    assert all(len(t["base_sha256"]) == 64 for t in summary["tensors"].values())
+
+
+def test_unknown_export_format(lm_fixture, tmp_path):
+    result = patcher("export", str(lm_fixture), "--to", "gguf", "--out", str(tmp_path / "x"))
+    assert_bad_input(result, "unknown export format 'gguf'")

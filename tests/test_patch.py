@@ -1,0 +1,100 @@
+"""The patch file: round trip, validation of corrupt files, and refusal of a foreign base."""
+
+import json
+
+import pytest
+import torch
+from patcher.formats.checkpoint import tensor_sha256
+from patcher.formats.patch import Patch, PatchError
+from safetensors.torch import save_file
+
+
+def make_patch(weight=None, delta=None):
+    weight = torch.randn(4, 6) if weight is None else weight
+    delta = torch.randn(4, 6) if delta is None else delta
+    return Patch.from_deltas(
+        {"layer.weight": delta},
+        "memit",
+        {"forget": []},
+        {"layer.weight": tensor_sha256(weight)},
+        {"layer.weight": "float32"},
+    )
+
+
+def test_round_trip_keeps_tensors_and_metadata(tmp_path):
+    patch = make_patch()
+    patch.save(tmp_path / "p.safetensors")
+    loaded = Patch.load(tmp_path / "p.safetensors")
+    assert loaded.method == "memit" and loaded.params == ["layer.weight"]
+    assert loaded.base == patch.base and loaded.spec == {"forget": []}
+    torch.testing.assert_close(loaded.delta("layer.weight"), patch.delta("layer.weight"))
+
+
+def test_low_rank_entries_give_b_at_a():
+    a, b = torch.randn(2, 6), torch.randn(4, 2)
+    patch = Patch({"w.lora_A": a, "w.lora_B": b}, "fila", {}, {"w": "0" * 64})
+    torch.testing.assert_close(patch.delta("w"), b @ a)
+    assert patch.rank("w") == 2
+
+
+def test_apply_adds_delta_and_refuses_another_base():
+    layer = torch.nn.Linear(6, 4, bias=False)
+    model = torch.nn.Sequential()
+    model.add_module("layer", layer)
+    patch = make_patch(weight=layer.weight.detach().clone())
+    before = layer.weight.detach().clone()
+    patch.apply_to(model)
+    torch.testing.assert_close(layer.weight.detach(), before + patch.delta("layer.weight"))
+    with pytest.raises(PatchError, match="fingerprint mismatch"):
+        patch.apply_to(model)  # the weight is no longer the base it was computed for
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda raw: raw[: len(raw) // 2],  # truncated
+        lambda raw: b"\xff" * 8 + raw[8:],  # header length past the end of the file
+        lambda raw: b"not a safetensors file",  # garbage
+    ],
+)
+def test_corrupt_files_are_one_line_errors(tmp_path, corrupt):
+    path = tmp_path / "p.safetensors"
+    make_patch().save(path)
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(PatchError, match="not a readable patch file") as info:
+        Patch.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_metadata_problems_are_named(tmp_path):
+    path = tmp_path / "p.safetensors"
+    tensors = {"w.delta": torch.zeros(2, 2)}
+    save_file(tensors, path, metadata={"method": "memit"})
+    with pytest.raises(PatchError, match="lacks patch metadata 'patcher_version'"):
+        Patch.load(path)
+    metadata = {"patcher_version": "0", "method": "m", "spec": "{", "base": "{}", "created": "x"}
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(PatchError, match="'spec' is not valid JSON"):
+        Patch.load(path)
+
+
+def test_invalid_tensors_are_refused():
+    base = {"w": "0" * 64}
+    with pytest.raises(PatchError, match="must end in"):
+        Patch({"w.weight": torch.zeros(2)}, "m", {}, base)
+    with pytest.raises(PatchError, match="NaN or inf"):
+        Patch({"w.delta": torch.tensor([float("nan")])}, "m", {}, base)
+    with pytest.raises(PatchError, match="no matching"):
+        Patch({"w.lora_A": torch.zeros(1, 2)}, "m", {}, base)
+    with pytest.raises(PatchError, match="no base fingerprint"):
+        Patch({"v.delta": torch.zeros(2)}, "m", {}, base)
+
+
+def test_metadata_values_are_strings(tmp_path):
+    make_patch().save(tmp_path / "p.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "p.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    assert all(isinstance(v, str) for v in metadata.values())
+    assert set(json.loads(metadata["base"])) == {"layer.weight"}

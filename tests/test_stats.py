@@ -1,0 +1,75 @@
+"""Second moments of down-projection inputs: hooks, padding, early stop, file round trip."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from patcher.adapters import causal_lm_adapter
+from patcher.errors import PatcherError
+from patcher.stats import SecondMoments, collect_second_moments
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
+    return causal_lm_adapter(LlamaForCausalLM(config).eval())
+
+
+def reference_sums(adapter, batches, layer):
+    """Independent: capture full inputs with a hook, select unpadded tokens, float64 xᵀx."""
+    total = torch.zeros(48, 48, dtype=torch.float64)
+    for ids, mask in batches:
+        seen = {}
+        handle = adapter.down_proj(layer).register_forward_pre_hook(lambda m, a, seen=seen: seen.setdefault("x", a[0]))
+        with torch.no_grad():
+            adapter.model(input_ids=ids, attention_mask=mask)
+        handle.remove()
+        x = seen["x"][mask.bool()].double()
+        total += x.T @ x
+    return total
+
+
+def test_matches_reference_and_skips_padding(tiny):
+    torch.manual_seed(1)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(40, (4, 9))
+        mask = torch.ones(4, 9, dtype=torch.long)
+        mask[1, 5:] = 0
+        mask[3, 2:] = 0
+        batches.append((ids, mask))
+    stats = collect_second_moments(tiny, batches, [0, 2])
+    assert stats.token_count == sum(int(m.sum()) for _, m in batches)
+    for layer in (0, 2):
+        name = tiny.down_proj_name(layer)
+        expected = reference_sums(tiny, batches, layer)
+        torch.testing.assert_close(stats.sums[name].double(), expected, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(stats.mean(name), expected / stats.token_count, rtol=1e-4, atol=1e-5)
+
+
+def test_early_stop_gives_the_same_sums(tiny):
+    ids, mask = torch.randint(40, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    only_first = collect_second_moments(tiny, [(ids, mask)], [0])
+    all_layers = collect_second_moments(tiny, [(ids, mask)], [0, 1, 2])
+    name = tiny.down_proj_name(0)
+    torch.testing.assert_close(only_first.sums[name], all_layers.sums[name])
+
+
+def test_file_round_trip_and_missing_layer(tiny, tmp_path):
+    ids, mask = torch.randint(40, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    stats = collect_second_moments(tiny, [(ids, mask)], [1])
+    stats.save(tmp_path / "s.safetensors")
+    loaded = SecondMoments.load(tmp_path / "s.safetensors")
+    assert loaded.token_count == 14
+    torch.testing.assert_close(loaded.sums[tiny.down_proj_name(1)], stats.sums[tiny.down_proj_name(1)])
+    with pytest.raises(PatcherError, match="no second moment for model.layers.0"):
+        loaded.mean(tiny.down_proj_name(0))
