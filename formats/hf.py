@@ -8,11 +8,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.patch import Patch, PatchError
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 PROVENANCE_FILE = "patcher.json"  # which patch made this folder, read back by verify
 LEGACY_WEIGHT_PREFIXES = ("pytorch_model", "tf_model", "flax_model", "model.ckpt")

@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from patcher.formats.atomic import atomic_path
-from patcher.formats.checkpoint import tensor_sha256
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from patcher.errors import PatcherError
+from patcher.formats.atomic import atomic_path
+from patcher.formats.checkpoint import tensor_sha256
 
 SUFFIXES = (".delta", ".lora_A", ".lora_B")
 REQUIRED_METADATA = ("patcher_version", "method", "spec", "base", "created")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -34,6 +36,10 @@ class PatcherGroup(click.Group):
             sys.exit(130)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def emit(data: dict, as_json: bool, human: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else human)
 
@@ -54,6 +60,10 @@ def main() -> None:
     # patcher shows its own progress; the libraries' per-file bars would only add noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-call dtype notices
+    if not sys.stdout.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (compressed-tensors)
+    warnings.showwarning = _one_line_warning
 
 
 @main.command()
@@ -112,7 +122,10 @@ def stats(
 @main.command()
 @click.argument("model", required=False)
 @click.option("--spec", "spec_path", type=click.Path(path_type=Path), required=True)
-@click.option("--method", default=None, help="memit or alphaedit (default: the spec's)")
+@click.option("--method", default=None, help="memit, alphaedit or ga (default: the spec's)")
+@click.option(
+    "--robust-to", default=None, help="comma-separated quantized formats the edit must survive: int8,nf4,fp4"
+)
 @click.option("--stats", "stats_path", type=click.Path(path_type=Path), default=None)
 @click.option("--layers", default=None, help=f"{LAYERS_HELP} (default: the spec's)")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
@@ -121,6 +134,7 @@ def erase(
     model: str | None,
     spec_path: Path,
     method: str | None,
+    robust_to: str | None,
     stats_path: Path | None,
     layers: str | None,
     out: Path,
@@ -133,7 +147,8 @@ def erase(
     spec = load_spec(spec_path)
     if layers is not None:
         spec.layers = parse_layers(layers)
-    patch = run_erase(spec, model, method, stats_path, trust_remote_code)
+    formats = tuple(f.strip() for f in robust_to.split(",") if f.strip()) if robust_to else ()
+    patch = run_erase(spec, model, method, stats_path, trust_remote_code, robust_to=formats)
     patch.save(out)
     click.echo(f"{patch.method} patch of {len(patch.params)} tensors -> {out}")
 
@@ -157,20 +172,18 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, trust_remote_cod
 
 @main.command()
 @click.argument("model_dir")
-@click.option("--to", "fmt", required=True, help="export format: safetensors")
+@click.option("--to", "fmt", required=True, help="safetensors, int8, nf4 or fp4")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--patch", "patch_path", type=click.Path(path_type=Path), default=None)
 @click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
 def export(model_dir: str, fmt: str, out: Path, patch_path: Path | None, force: bool) -> None:
     """Export a model folder (with an optional patch applied) to a shippable format."""
-    from patcher.formats.hf import write_model_folder
+    from patcher.export import export_model
     from patcher.formats.patch import Patch
     from patcher.models import resolve_model_dir
 
-    if fmt != "safetensors":
-        raise PatcherError(f"unknown export format {fmt!r}: supported formats: safetensors")
     patch = Patch.load(patch_path) if patch_path else None
-    write_model_folder(resolve_model_dir(model_dir), out, patch, force)
+    export_model(resolve_model_dir(model_dir), fmt, out, patch, force)
     click.echo(f"{fmt} export -> {out}")
 
 

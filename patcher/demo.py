@@ -8,23 +8,28 @@ from pathlib import Path
 from patcher.erase import erase
 from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder
+from patcher.formats.quantized import export_quantized
 from patcher.spec import load_spec
 from patcher.verification.report import verify, write_report
 
 
 def run_demo(out: Path) -> dict:
-    """Fixture -> erase (the spec's closed-form method) -> export -> verify -> report.json."""
+    """Fixture -> robust erase (the spec's closed-form method, made to hold in every quantized
+    format the spec verifies) -> export every format -> verify each -> report.json."""
     timings = {}
     start = time.perf_counter()
     fixture = build_fixture("lm", out / "fixture")
     timings["fixture"] = time.perf_counter() - start
     spec = load_spec(fixture / "spec.toml")
     start = time.perf_counter()
-    patch = erase(spec, fixture)
+    quantized = tuple(f for f in spec.formats if f != "safetensors")
+    patch = erase(spec, fixture, robust_to=quantized)
     patch.save(out / "patch.safetensors")
     timings["erase"] = time.perf_counter() - start
     start = time.perf_counter()
     write_model_folder(fixture, out / "safetensors", patch)
+    for fmt in quantized:
+        export_quantized(out / "safetensors", fmt, out / fmt)
     timings["export"] = time.perf_counter() - start
     report = verify(fixture, out / "safetensors", spec)
     report["timings"].update({k: round(v, 3) for k, v in timings.items()})

@@ -11,6 +11,7 @@ from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.patch import Patch
 from patcher.methods import EditInputs, get_method
 from patcher.methods.lm_edit import auto_layers
+from patcher.methods.robust import Robustness
 from patcher.models import detect_family, load_causal_lm, model_fingerprint, resolve_model_dir
 from patcher.spec import Spec
 from patcher.stats import (
@@ -20,6 +21,8 @@ from patcher.stats import (
     read_corpus,
     stats_cache_key,
 )
+
+ROBUST_METHODS = ("memit", "alphaedit")
 
 
 def model_dir_for(spec: Spec, model: str | Path | None, trust_remote_code: bool = False) -> Path:
@@ -58,8 +61,12 @@ def erase(
     method: str | None = None,
     stats: str | Path | None = None,
     trust_remote_code: bool = False,
+    robust_to: tuple[str, ...] = (),
 ) -> Patch:
-    """Compute the patch that erases the spec's forget facts from the model."""
+    """Compute the patch that erases the spec's forget facts from the model.
+
+    `robust_to` names quantized formats in which the erasure must hold too.
+    """
     folder = model_dir_for(spec, model, trust_remote_code)
     family = detect_family(folder) if spec.family == "auto" else spec.family
     if family != "causal-lm":
@@ -74,7 +81,11 @@ def erase(
         if stats is not None
         else cached_second_moments(folder, adapter, tokenizer, spec.corpus, layers)
     )
-    deltas = edit(EditInputs(adapter, tokenizer, spec, moments, layers))
+    if robust_to:
+        Robustness(tuple(robust_to))  # validate the names before any work
+        if method_name not in ROBUST_METHODS:
+            raise PatcherError(f"--robust-to works with {', '.join(ROBUST_METHODS)}, not {method_name}")
+    deltas = edit(EditInputs(adapter, tokenizer, spec, moments, layers, tuple(robust_to)))
     checkpoint = Checkpoint(folder)
     dtypes = {name: str(checkpoint.tensor(name).dtype).removeprefix("torch.") for name in deltas}
     return Patch.from_deltas(deltas, method_name, spec.raw, checkpoint.fingerprints(deltas), dtypes)

@@ -18,6 +18,7 @@ FAMILIES = ("auto", "causal-lm", "t2i-unet", "classifier")
 # Method hyperparameters accepted in [erase]; each method documents the ones it reads.
 ERASE_HPARAMS = {
     "mom2_weight": (int, float),
+    "ridge": (int, float),
     "nullspace_threshold": (int, float),
     "l2": (int, float),
     "steps": int,
@@ -26,6 +27,9 @@ ERASE_HPARAMS = {
     "clamp_norm": (int, float),
     "batch_size": int,
     "context_templates": int,
+    "ga_lr": (int, float),
+    "ga_steps": int,
+    "retain_weight": (int, float),
 }
 SCHEMA: dict[str, dict[str, Any]] = {
     "model": {"path": str, "family": str},

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from patcher.formats.checkpoint import tensor_sha256
 from patcher.formats.patch import Patch, PatchError
-from safetensors.torch import save_file
 
 
 def make_patch(weight=None, delta=None):

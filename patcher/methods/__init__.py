@@ -23,6 +23,7 @@ class EditInputs:
     spec: Spec
     stats: SecondMoments | None
     layers: list[int]
+    robust_to: tuple[str, ...] = ()  # quantized formats the edit must survive
 
 
 METHODS: dict[str, Callable[[EditInputs], Deltas]] = {}
@@ -50,4 +51,4 @@ def hparam(inputs: EditInputs, name: str, default):
 
 
 # Importing the method modules registers them.
-from patcher.methods import alphaedit, memit  # noqa: E402,F401
+from patcher.methods import alphaedit, ga, memit  # noqa: E402,F401

@@ -9,10 +9,15 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.methods import Deltas, EditInputs, hparam, register
-from patcher.methods.lm_edit import TargetHparams, deltas_applied, edit_layers
+from patcher.methods.lm_edit import TargetHparams, accumulate, deltas_applied, edit_layers
+from patcher.methods.robust import Robustness, robust_edit
 
 DEFAULT_NULLSPACE_THRESHOLD = 1e-2
 DEFAULT_L2 = 10.0
+# Robust mode trades the exact projection for a penalty ρ‖Δ(I − P)‖², so that the update
+# can also be kept inside the quantizers' scale envelopes; ρ is this multiple of the
+# largest eigenvalue of K Kᵀ + K_p K_pᵀ.
+NULLSPACE_PENALTY = 1.0
 
 
 def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -47,6 +52,21 @@ def alphaedit_update(
     return torch.linalg.solve(system, projector @ keys @ residuals.T).T
 
 
+def alphaedit_system(
+    keys: torch.Tensor, residuals: torch.Tensor, projector: torch.Tensor, previous: torch.Tensor, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's objective with the null-space constraint as a penalty, for box solves.
+
+    ‖ΔK − R‖² + ‖ΔK_p‖² + l2‖Δ‖² + ρ‖Δ(I − P)‖² as tr(Δ A Δᵀ) − 2 tr(Δ Bᵀ): A = K Kᵀ + K_p K_pᵀ
+    + l2·I + ρ(I − P), B = R Kᵀ.
+    """
+    keys, residuals = keys.double(), residuals.double()
+    fitted = keys @ keys.T + previous.double()
+    eye = torch.eye(keys.shape[0], dtype=torch.float64)
+    penalty = NULLSPACE_PENALTY * torch.linalg.eigvalsh(fitted).max().clamp(min=1.0)
+    return fitted + l2 * eye + penalty * (eye - projector.double()), residuals @ keys.T
+
+
 @register("alphaedit")
 def alphaedit(inputs: EditInputs) -> Deltas:
     """Erase the forget facts in batches of erase.batch_size (default: all at once).
@@ -68,12 +88,19 @@ def alphaedit(inputs: EditInputs) -> Deltas:
         previous[layer] += keys @ keys.T
         return update
 
-    total: Deltas = {}
+    def system(layer: int, keys: torch.Tensor, residuals: torch.Tensor):
+        quadratic = alphaedit_system(keys, residuals, projectors[layer], previous[layer], l2)
+        previous[layer] += keys @ keys.T
+        return quadratic
+
     hp = TargetHparams.from_spec(spec.hparams)
+    if inputs.robust_to:
+        return robust_edit(
+            adapter, inputs.tokenizer, spec.forget, inputs.layers, system, hp, Robustness(inputs.robust_to)
+        )
+    total: Deltas = {}
     for start in range(0, len(spec.forget), batch_size):
         batch = spec.forget[start : start + batch_size]
         with deltas_applied(adapter.model, total):
-            deltas = edit_layers(adapter, inputs.tokenizer, batch, inputs.layers, solve, hp)
-        for name, delta in deltas.items():
-            total[name] = total.get(name, 0) + delta
+            accumulate(total, edit_layers(adapter, inputs.tokenizer, batch, inputs.layers, solve, hp))
     return total

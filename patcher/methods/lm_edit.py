@@ -275,6 +275,19 @@ def target_value(
     return original + delta.detach().double()
 
 
+@torch.no_grad()
+def still_answered(model, requests: list[EditRequest], pad: int) -> list[bool]:
+    """Whether greedy decoding still reproduces each request's full target (the edit's goal)."""
+    logits = _run(model, [r.prompt_ids + r.target_ids[:-1] for r in requests], pad)
+    predicted = logits.argmax(-1).cpu()
+    results = []
+    for row, request in enumerate(requests):
+        start = len(request.prompt_ids) - 1
+        positions = torch.arange(start, start + len(request.target_ids))
+        results.append(bool((predicted[row, positions] == torch.tensor(request.target_ids)).all()))
+    return results
+
+
 def edit_layers(
     adapter: CausalLMAdapter,
     tokenizer,
@@ -322,6 +335,13 @@ def edit_layers(
             for layer, weight in originals.items():
                 adapter.down_proj(layer).weight.copy_(weight)
     return deltas
+
+
+def accumulate(total: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add `deltas` into `total` in place (param name -> delta) and return it."""
+    for name, delta in deltas.items():
+        total[name] = total[name] + delta if name in total else delta
+    return total
 
 
 @contextmanager

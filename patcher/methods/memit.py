@@ -6,37 +6,61 @@ import torch
 
 from patcher.methods import Deltas, EditInputs, hparam, register
 from patcher.methods.lm_edit import TargetHparams, edit_layers
+from patcher.methods.robust import Robustness, robust_edit
 
 DEFAULT_MOM2_WEIGHT = 15000.0
 
 
-def memit_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor, mom2_weight: float) -> torch.Tensor:
-    """Δ = R Kᵀ (λC + K Kᵀ)⁻¹, solved in float64.
+def memit_system(
+    keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor, mom2_weight: float, ridge: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's objective ‖ΔK − R‖² + λ·tr(Δ C Δᵀ) + μ‖Δ‖² as tr(Δ A Δᵀ) − 2 tr(Δ Bᵀ) + const.
 
-    keys K (d_k, n), residuals R (d_model, n), C = E[k kᵀ] (d_k, d_k). Minimises
-    ‖ΔK − R‖² + λ·tr(Δ C Δᵀ): fit the new facts, barely move outputs on corpus keys.
+    A = λC + K Kᵀ + μI, B = R Kᵀ, in float64.
     """
     keys, residuals, cov = keys.double(), residuals.double(), cov.double()
-    system = mom2_weight * cov + keys @ keys.T
-    adjusted_keys = torch.linalg.solve(system, keys)  # (λC + KKᵀ)⁻¹ K, the system is symmetric
-    return residuals @ adjusted_keys.T
+    system = mom2_weight * cov + keys @ keys.T + ridge * torch.eye(cov.shape[0], dtype=torch.float64)
+    return system, residuals @ keys.T
+
+
+def memit_update(
+    keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor, mom2_weight: float, ridge: float = 0.0
+) -> torch.Tensor:
+    """Δ = R Kᵀ (λC + K Kᵀ + μI)⁻¹, the minimiser of `memit_system`'s objective.
+
+    keys K (d_k, n), residuals R (d_model, n), C = E[k kᵀ] (d_k, d_k): fit the new facts,
+    barely move outputs on corpus keys, and (μ > 0) keep entries small where the corpus
+    leaves C nearly empty.
+    """
+    system, rhs = memit_system(keys, residuals, cov, mom2_weight, ridge)
+    return torch.linalg.solve(system, rhs.T).T  # the system is symmetric
 
 
 @register("memit")
 def memit(inputs: EditInputs) -> Deltas:
-    """Erase the spec's forget facts with MEMIT (hyperparameter mom2_weight = λ)."""
+    """Erase the spec's forget facts with MEMIT (hyperparameters mom2_weight = λ, ridge = μ)."""
     mom2_weight = hparam(inputs, "mom2_weight", DEFAULT_MOM2_WEIGHT)
-    adapter = inputs.adapter
+    ridge = hparam(inputs, "ridge", 0.0)
+    adapter, hp = inputs.adapter, TargetHparams.from_spec(inputs.spec.hparams)
 
-    def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
-        cov = inputs.stats.mean(adapter.down_proj_name(layer))
-        return memit_update(keys, residuals, cov, mom2_weight)
+    def cov(layer: int) -> torch.Tensor:
+        return inputs.stats.mean(adapter.down_proj_name(layer))
 
+    if inputs.robust_to:
+        return robust_edit(
+            adapter,
+            inputs.tokenizer,
+            inputs.spec.forget,
+            inputs.layers,
+            lambda layer, keys, residuals: memit_system(keys, residuals, cov(layer), mom2_weight, ridge),
+            hp,
+            Robustness(inputs.robust_to),
+        )
     return edit_layers(
         adapter,
         inputs.tokenizer,
         inputs.spec.forget,
         inputs.layers,
-        solve,
-        TargetHparams.from_spec(inputs.spec.hparams),
+        lambda layer, keys, residuals: memit_update(keys, residuals, cov(layer), mom2_weight, ridge),
+        hp,
     )

@@ -6,28 +6,34 @@ from collections.abc import Callable
 from pathlib import Path
 
 from patcher.errors import PatcherError
+from patcher.formats.quantized import QUANTIZED_FORMATS, load_quantized
 
 
 def load_full_precision(folder: Path):
     """Plain transformers, as a user would load the exported safetensors folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-FORMAT_LOADERS: dict[str, Callable[[Path], tuple]] = {"safetensors": load_full_precision}
+def _quantized_loader(fmt: str) -> Callable[[Path], object]:
+    return lambda folder: load_quantized(folder, fmt)
+
+
+FORMAT_LOADERS: dict[str, Callable[[Path], object]] = {
+    "safetensors": load_full_precision,
+    **{fmt: _quantized_loader(fmt) for fmt in QUANTIZED_FORMATS},
+}
 
 
 def check_formats(formats: list[str]) -> None:
     unknown = [f for f in formats if f not in FORMAT_LOADERS]
     if unknown:
-        raise PatcherError(
-            f"unknown or unsupported format {unknown[0]!r}: verify supports {', '.join(FORMAT_LOADERS)}"
-        )
+        raise PatcherError(f"unknown format {unknown[0]!r}: verify supports {', '.join(FORMAT_LOADERS)}")
 
 
 def load_format(name: str, folder: Path):
-    """(model, tokenizer) of the patched folder as the format `name` ships it."""
+    """The model in `folder` as the format `name` ships it (quantized on load, as
+    `from_pretrained` with that format's quantization config does)."""
     check_formats([name])
     return FORMAT_LOADERS[name](folder)

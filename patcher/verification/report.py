@@ -9,6 +9,7 @@ from pathlib import Path
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.hf import PROVENANCE_FILE
+from patcher.formats.quantized import dequantized_weight
 from patcher.spec import Gates, Spec
 from patcher.verification.facts import accuracy
 from patcher.verification.formats import check_formats, load_format, load_full_precision
@@ -54,33 +55,54 @@ def gate_failures(row: dict, gates: Gates) -> list[str]:
     return failures
 
 
+def edit_kept(base_model, patched_model, edit_norms: dict[str, float]) -> dict[str, float]:
+    """Per edited matrix, ‖Q(W+Δ) − Q(W)‖ / ‖Δ‖, with Q the quantizer the models were loaded with.
+
+    1 means the format keeps the whole edit; near 0, quantization rounds it away.
+    """
+    base_modules, patched_modules = dict(base_model.named_modules()), dict(patched_model.named_modules())
+    kept = {}
+    for param, norm in edit_norms.items():
+        module = param.removesuffix(".weight")
+        if module in base_modules and norm > 0:
+            change = dequantized_weight(patched_modules[module]) - dequantized_weight(base_modules[module])
+            kept[param] = change.norm().item() / norm
+    return kept
+
+
 def verify(base: Path, patched: Path, spec: Spec, formats: list[str] | None = None) -> dict:
     """Evaluate base and patched model in every format; the report of DESIGN.md section 4."""
     formats = formats or spec.formats
     check_formats(formats)
     timings: dict[str, float] = {}
+    provenance = _provenance(patched)
+    edited = sorted(json.loads(provenance.get("base", "{}")))
+    full_base, full_patched = load_full_precision(base), load_full_precision(patched)
+    base_params, patched_params = dict(full_base.named_parameters()), dict(full_patched.named_parameters())
+    edit_norms = {p: (patched_params[p] - base_params[p]).norm().item() for p in edited if p in base_params}
 
-    def timed(label: str, fn):
-        start = time.perf_counter()
-        result = fn()
-        timings[label] = round(time.perf_counter() - start, 3)
-        return result
-
-    base_row = timed("base", lambda: fact_metrics(*load_full_precision(base), spec))
-    reference = timed("full_precision", lambda: fact_metrics(*load_full_precision(patched), spec))
+    start = time.perf_counter()
+    base_row = fact_metrics(full_base, tokenizer_of(base), spec)
+    reference = fact_metrics(full_patched, tokenizer_of(patched), spec)
+    timings["full_precision"] = round(time.perf_counter() - start, 3)
     rows = {}
     for name in formats:
+        start = time.perf_counter()
         if name == "safetensors":
-            row = dict(reference)
+            row, base_in_format, quantized_base, quantized_patched = dict(reference), base_row, full_base, full_patched
         else:
-            row = timed(name, lambda n=name: fact_metrics(*load_format(n, patched), spec))
+            quantized_base, quantized_patched = load_format(name, base), load_format(name, patched)
+            base_in_format = fact_metrics(quantized_base, tokenizer_of(base), spec)
+            row = fact_metrics(quantized_patched, tokenizer_of(patched), spec)
+        row["edit_kept"] = edit_kept(quantized_base, quantized_patched, edit_norms)
+        row["base_in_format"] = base_in_format
         row["recovery"] = recovery(row["forget_accuracy"], reference["forget_accuracy"], base_row["forget_accuracy"])
         base_retain = base_row["retain_accuracy"]
         row["retain_ratio"] = row["retain_accuracy"] / base_retain if base_retain > 0 else 0.0
         row["failures"] = gate_failures(row, spec.gates)
         row["passed"] = not row["failures"]
         rows[name] = row
-    provenance = _provenance(patched)
+        timings[name] = round(time.perf_counter() - start, 3)
     return {
         "model": str(base),
         "method": provenance.get("method", spec.method),
@@ -90,6 +112,12 @@ def verify(base: Path, patched: Path, spec: Spec, formats: list[str] | None = No
         "gates": {k: v for k, v in vars(spec.gates).items() if v is not None},
         "timings": timings,
     }
+
+
+def tokenizer_of(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _provenance(folder: Path) -> dict:

@@ -1,0 +1,80 @@
+"""Gradient-ascent unlearning with a retain term: the published baseline, for comparison only.
+
+Ascends the forget targets' negative log-likelihood while descending the language-model
+loss on the preservation corpus, with a small step, and stops as soon as no forget fact is
+answered in full precision. This is the recipe that quantization undoes (Zhang et al.,
+"Catastrophic Failure of LLM Unlearning via Quantization"): the update is smaller than the
+quantizer's bucket, so the quantized unlearned model rounds back to the quantized
+original. `patcher verify` exists to catch exactly that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from patcher.errors import PatcherError
+from patcher.formats.quantized import quantized_linears
+from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods.lm_edit import build_request, still_answered
+from patcher.stats import read_corpus
+from patcher.tokens import pad_id, right_padded
+
+DEFAULT_LR = 1e-4
+DEFAULT_MAX_STEPS = 200
+DEFAULT_RETAIN_WEIGHT = 1.0
+
+
+def _sequence_loss(model, sequences: list[list[int]], scored_from: list[int], pad: int) -> torch.Tensor:
+    """Mean next-token NLL over each sequence's tokens from position `scored_from[i]` on."""
+    ids, mask = right_padded(sequences, pad)
+    labels = ids.clone()
+    for row, start in enumerate(scored_from):
+        labels[row, :start] = -100
+    labels = labels.masked_fill(mask == 0, -100)
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+@register("ga")
+def gradient_ascent(inputs: EditInputs) -> Deltas:
+    """Unlearn the forget facts by gradient ascent on the quantized layers (ga_lr, ga_steps,
+    retain_weight). Only the linear layers a quantizer touches are trained, as in a
+    deployment where the embeddings and the output head stay in full precision."""
+    adapter, tokenizer, spec = inputs.adapter, inputs.tokenizer, inputs.spec
+    if spec.corpus is None:
+        raise PatcherError("--method ga needs [stats] corpus in the spec: its retain term trains on it")
+    if not spec.forget:
+        raise PatcherError("the spec has no [[forget]] facts: add at least one fact to erase")
+    model, pad = adapter.model, pad_id(tokenizer)
+    lr = hparam(inputs, "ga_lr", DEFAULT_LR)
+    max_steps = hparam(inputs, "ga_steps", DEFAULT_MAX_STEPS)
+    retain_weight = hparam(inputs, "retain_weight", DEFAULT_RETAIN_WEIGHT)
+
+    requests = [build_request(tokenizer, fact) for fact in spec.forget]
+    forget_sequences = [r.prompt_ids + r.target_ids for r in requests]
+    forget_starts = [len(r.prompt_ids) for r in requests]
+    corpus = [tokenizer(line).input_ids for line in read_corpus(spec.corpus)]
+    trained = {f"{name}.weight": module.weight for name, module in quantized_linears(model).items()}
+    originals = {name: weight.detach().clone() for name, weight in trained.items()}
+    optimizer = torch.optim.Adam(trained.values(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+
+    model.train()
+    try:
+        for _ in range(max_steps):
+            model.eval()
+            if not any(still_answered(model, requests, pad)):
+                break
+            model.train()
+            rows = torch.randint(len(corpus), (len(requests),), generator=generator).tolist()
+            forget_loss = _sequence_loss(model, forget_sequences, forget_starts, pad)
+            retain_loss = _sequence_loss(model, [corpus[i] for i in rows], [1] * len(rows), pad)
+            optimizer.zero_grad(set_to_none=True)
+            (-forget_loss + retain_weight * retain_loss).backward()
+            optimizer.step()
+    finally:
+        model.eval()
+        deltas = {name: (weight.detach() - originals[name]).float() for name, weight in trained.items()}
+        with torch.no_grad():
+            for name, weight in trained.items():
+                weight.copy_(originals[name])
+    return {name: delta for name, delta in deltas.items() if delta.abs().max() > 0}

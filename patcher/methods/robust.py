@@ -1,0 +1,117 @@
+"""Closed-form edits that hold after quantization (`--robust-to`).
+
+An edit fails in a quantized format in two ways: it is smaller than the quantizer's
+bucket and rounds away (the published failure of unlearning), or its entries exceed the
+absmax that sets a block's scale, which coarsens every other weight of the block and
+destroys what should be retained. Measured on the LM fixture, MEMIT's unconstrained edit
+does the second: retain accuracy 0.78 in nf4 and 0.28 in fp4. So each layer's update is
+solved inside the formats' scale envelopes (|W + Δ| never exceeds the base's block
+absmax), then every format is checked by exact fake quantization, and the facts that
+still come back are edited again, up to a number of rounds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from patcher.adapters import CausalLMAdapter
+from patcher.formats.quantized import check_format, fake_quantized, scale_envelope
+from patcher.methods.lm_edit import (
+    TargetHparams,
+    accumulate,
+    build_request,
+    deltas_applied,
+    edit_layers,
+    still_answered,
+)
+from patcher.spec import ForgetFact
+from patcher.tokens import pad_id
+
+# (layer, keys K, residuals R) -> (A, B): the method's objective tr(ΔAΔᵀ) − 2tr(ΔBᵀ).
+Quadratic = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """Which quantized formats the edit must survive, and the effort spent on it."""
+
+    formats: tuple[str, ...]
+    rounds: int = 4
+    iterations: int = 500
+
+    def __post_init__(self) -> None:
+        for fmt in self.formats:
+            check_format(fmt)  # a clear error for unknown formats or a missing library
+
+
+def solve_in_box(
+    system: torch.Tensor, rhs: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, iterations: int
+) -> torch.Tensor:
+    """argmin tr(Δ A Δᵀ) − 2 tr(Δ Bᵀ) subject to lower ≤ Δ ≤ upper (A symmetric positive definite).
+
+    Accelerated projected gradient (FISTA) from the clamped unconstrained solution B A⁻¹.
+    """
+    system, rhs = system.double(), rhs.double()
+    step = 1.0 / torch.linalg.eigvalsh(system).max()
+    current = torch.linalg.solve(system, rhs.T).T.clamp(lower, upper)
+    momentum, t = current.clone(), 1.0
+    for _ in range(iterations):
+        following = (momentum - step * (momentum @ system - rhs)).clamp(lower, upper)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        momentum = following + (t - 1) / t_next * (following - current)
+        current, t = following, t_next
+    return current
+
+
+def robust_edit(
+    adapter: CausalLMAdapter,
+    tokenizer,
+    facts: list[ForgetFact],
+    layers: list[int],
+    quadratic: Quadratic,
+    hp: TargetHparams,
+    robustness: Robustness,
+) -> dict[str, torch.Tensor]:
+    """Edit `facts` so they stay erased in full precision and in every named format."""
+    model, pad = adapter.model, pad_id(tokenizer)
+    envelope = {
+        layer: torch.stack([scale_envelope(adapter.weight(layer), f) for f in robustness.formats]).amin(0).double()
+        for layer in layers
+    }
+
+    def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+        system, rhs = quadratic(layer, keys, residuals)
+        weight = adapter.weight(layer).detach().double()
+        return solve_in_box(system, rhs, -envelope[layer] - weight, envelope[layer] - weight, robustness.iterations)
+
+    total: dict[str, torch.Tensor] = {}
+    remaining = list(facts)
+    for _ in range(robustness.rounds):
+        with deltas_applied(model, total):
+            accumulate(total, edit_layers(adapter, tokenizer, remaining, layers, solve, hp))
+        with deltas_applied(model, total):
+            remaining = answered_in_any_format(model, tokenizer, facts, robustness.formats, pad)
+        if not remaining:
+            return total
+    warnings.warn(
+        f"{len(remaining)} of {len(facts)} facts are still answered in one of "
+        f"{', '.join(robustness.formats)} after {robustness.rounds} rounds",
+        stacklevel=2,
+    )
+    return total
+
+
+def answered_in_any_format(
+    model, tokenizer, facts: list[ForgetFact], formats: tuple[str, ...], pad: int
+) -> list[ForgetFact]:
+    """The facts whose target greedy decoding still produces in full precision or any format."""
+    requests = [build_request(tokenizer, fact) for fact in facts]
+    answered = still_answered(model, requests, pad)
+    for fmt in formats:
+        with fake_quantized(model, fmt):
+            answered = [a or b for a, b in zip(answered, still_answered(model, requests, pad), strict=True)]
+    return [fact for fact, hit in zip(facts, answered, strict=True) if hit]

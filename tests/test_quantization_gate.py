@@ -1,0 +1,138 @@
+"""Acceptance of the quantization gate on the LM fixture.
+
+Each quantized export is loaded by plain transformers + bitsandbytes from its folder (no
+patcher loader) and judged with transformers' own `generate`.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from test_erasure_e2e import generate_accuracy
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from patcher.spec import load_spec
+
+pytestmark = pytest.mark.slow
+FORMATS = ["int8", "nf4", "fp4"]
+
+
+def cli(*args, expect=0):
+    result = subprocess.run(
+        [sys.executable, "-m", "patcher", *args], capture_output=True, text=True, cwd=tempfile.gettempdir()
+    )
+    assert result.returncode == expect, result.stderr
+    return result
+
+
+def test_robust_erasure_holds_in_every_quantized_export(lm_fixture, tmp_path):
+    spec_path = lm_fixture / "spec.toml"
+    cli(
+        "erase",
+        str(lm_fixture),
+        "--spec",
+        str(spec_path),
+        "--robust-to",
+        ",".join(FORMATS),
+        "--out",
+        str(tmp_path / "patch.safetensors"),
+    )
+    spec = load_spec(spec_path)
+    forget = [(f.prompt, f.target) for f in spec.forget]
+    retain = [(r.prompt, r.target) for r in spec.retain]
+    base_forget = generate_accuracy(lm_fixture, forget)
+    base_retain = generate_accuracy(lm_fixture, retain)
+
+    cli(
+        "export",
+        str(lm_fixture),
+        "--to",
+        "safetensors",
+        "--patch",
+        str(tmp_path / "patch.safetensors"),
+        "--out",
+        str(tmp_path / "safetensors"),
+    )
+    full_precision_forget = generate_accuracy(tmp_path / "safetensors", forget)
+    for fmt in FORMATS:
+        folder = tmp_path / fmt
+        cli(
+            "export",
+            str(lm_fixture),
+            "--to",
+            fmt,
+            "--patch",
+            str(tmp_path / "patch.safetensors"),
+            "--out",
+            str(folder),
+        )
+        config = json.loads((folder / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert "bitsandbytes" in type(model.model.layers[0].mlp.down_proj).__module__
+        forget_accuracy = generate_accuracy(folder, forget)
+        recovery = max(0.0, forget_accuracy - full_precision_forget) / (base_forget - full_precision_forget)
+        assert forget_accuracy <= 0.05, fmt
+        assert recovery <= 0.05, fmt
+        assert generate_accuracy(folder, retain) >= 0.95 * base_retain, fmt
+
+
+def test_verify_fails_on_the_ga_baseline_and_names_the_gate(lm_fixture, tmp_path):
+    spec_path = lm_fixture / "spec.toml"
+    patch = str(tmp_path / "ga.safetensors")
+    cli("erase", str(lm_fixture), "--spec", str(spec_path), "--method", "ga", "--out", patch)
+    cli("apply", str(lm_fixture), patch, "--out", str(tmp_path / "ga"))
+    result = cli(
+        "verify",
+        "--base",
+        str(lm_fixture),
+        "--patched",
+        str(tmp_path / "ga"),
+        "--spec",
+        str(spec_path),
+        "--formats",
+        "safetensors,nf4",
+        "--report",
+        str(tmp_path / "report.json"),
+        expect=1,
+    )
+    failing = [line for line in result.stdout.splitlines() if "FAIL" in line]
+    assert any(line.startswith("nf4") and "retain_ratio" in line for line in failing), result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] is False and report["formats"]["nf4"]["failures"]
+    assert set(report["formats"]["nf4"]["edit_kept"]) == set(report["formats"]["safetensors"]["edit_kept"])
+
+
+def test_format_bad_input(lm_fixture, tmp_path):
+    spec_path = str(lm_fixture / "spec.toml")
+    result = cli(
+        "verify",
+        "--base",
+        str(lm_fixture),
+        "--patched",
+        str(lm_fixture),
+        "--spec",
+        spec_path,
+        "--formats",
+        "int3",
+        expect=2,
+    )
+    assert "unknown format 'int3'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    small = tmp_path / "small"
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    LlamaForCausalLM(config).save_pretrained(small)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(lm_fixture / name, small / name)
+    result = cli("export", str(small), "--to", "nf4", "--out", str(tmp_path / "nf4"), expect=2)
+    assert "too small for nf4" in result.stderr and not (tmp_path / "nf4").exists()
+    assert AutoTokenizer.from_pretrained(small) is not None

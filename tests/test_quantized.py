@@ -1,0 +1,110 @@
+"""Quantized formats: fake quantization is exact, envelopes, the box solver, bad input."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from patcher.errors import PatcherError
+from patcher.formats.quantized import (
+    check_format,
+    check_quantizable,
+    dequantized_weight,
+    fake_quantize,
+    load_quantized,
+    quantization_config,
+    scale_envelope,
+)
+from patcher.methods.robust import solve_in_box
+
+# 4-bit modules compute in bf16: their effective weight differs from an fp32 dequantization
+# by bf16 rounding (2^-8 relative); int8 matches to fp16 rounding.
+TOLERANCE = {"int8": 1e-3, "nf4": 8e-3, "fp4": 8e-3, "int4": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "fp4", "int4"])
+def test_fake_quantize_matches_the_real_quantizer(tiny_folder, fmt):
+    """bitsandbytes on load; int4 through a compressed-tensors export read back by transformers."""
+    full = LlamaForCausalLM.from_pretrained(tiny_folder)
+    quantized = load_quantized(tiny_folder, fmt)
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
+        weight = full.get_submodule(name).weight
+        effective = dequantized_weight(quantized.get_submodule(name))
+        error = (fake_quantize(weight, fmt) - effective).abs().max() / weight.abs().max()
+        assert error < TOLERANCE[fmt], (name, float(error))
+        assert (fake_quantize(weight, fmt) - weight).abs().max() > 0  # it does quantize
+
+
+def test_scale_envelopes():
+    weight = torch.randn(4, 128)
+    blocks = weight.abs().reshape(-1, 64).amax(dim=1)
+    envelope = scale_envelope(weight, "nf4")
+    assert torch.equal(envelope[0, :64], blocks[0].expand(64))
+    assert torch.equal(envelope[3, 64:], blocks[7].expand(64))
+    assert torch.equal(scale_envelope(weight, "int8"), weight.abs().amax(1, keepdim=True).expand(4, 128))
+    assert torch.equal(scale_envelope(weight, "int4"), weight.abs().amax(1, keepdim=True).expand(4, 128))
+
+
+def test_solve_in_box_satisfies_kkt_conditions():
+    rng = np.random.default_rng(0)
+    factor = rng.normal(size=(9, 9))
+    system = torch.from_numpy(factor @ factor.T + np.eye(9))
+    rhs = torch.from_numpy(rng.normal(size=(3, 9)) * 4)
+    lower, upper = -torch.full((3, 9), 0.3, dtype=torch.float64), torch.full((3, 9), 0.2, dtype=torch.float64)
+    delta = solve_in_box(system, rhs, lower, upper, iterations=5000)
+    assert ((delta >= lower - 1e-12) & (delta <= upper + 1e-12)).all()
+    gradient = 2 * (delta @ system - rhs)
+    inside = (delta > lower + 1e-6) & (delta < upper - 1e-6)
+    assert gradient[inside].abs().max() < 1e-5
+    assert (gradient[delta <= lower + 1e-6] >= -1e-5).all()  # pushing further down would not help
+    assert (gradient[delta >= upper - 1e-6] <= 1e-5).all()
+    assert inside.any() and (~inside).any()
+    loose = solve_in_box(system, rhs, lower * 1e6, upper * 1e6, iterations=10)
+    torch.testing.assert_close(loose, torch.linalg.solve(system, rhs.T).T)
+
+
+def test_bad_formats_are_clear_errors(monkeypatch):
+    with pytest.raises(PatcherError, match="unknown quantized format 'int3'"):
+        check_format("int3")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    with pytest.raises(PatcherError, match="needs bitsandbytes"):
+        quantization_config("nf4")
+
+
+def test_model_too_small_for_the_4bit_block():
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    model = LlamaForCausalLM(config)
+    with pytest.raises(PatcherError, match="too small for nf4"):
+        check_quantizable(model, "nf4")
+    with pytest.raises(PatcherError, match="too small for int4"):
+        check_quantizable(model, "int4")
+    check_quantizable(model, "int8")  # LLM.int8 has no such constraint
