@@ -3,24 +3,16 @@
 import json
 import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from patcher.fixtures import knowledge
 from patcher.spec import dump_spec, load_spec
-
-
-def patcher(*args: str) -> subprocess.CompletedProcess:
-    """Run the CLI as a user would, from a neutral folder (not the repository root)."""
-    return subprocess.run(
-        [sys.executable, "-m", "patcher", *args], capture_output=True, text=True, cwd=tempfile.gettempdir()
-    )
 
 
 def assert_bad_input(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -33,7 +25,7 @@ def assert_bad_input(result: subprocess.CompletedProcess, fragment: str) -> None
 @pytest.fixture(scope="module")
 def patch_file(lm_fixture, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("patch") / "memit.safetensors"
-    result = patcher("erase", str(lm_fixture), "--spec", str(lm_fixture / "spec.toml"), "--out", str(out))
+    result = run_cli("erase", str(lm_fixture), "--spec", str(lm_fixture / "spec.toml"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
 
@@ -50,13 +42,14 @@ def edited_spec(lm_fixture: Path, tmp_path: Path, edit) -> Path:
 
 
 def test_missing_model_folder(lm_fixture, tmp_path):
-    result = patcher(
+    result = run_cli(
         "erase",
         str(tmp_path / "nope"),
         "--spec",
         str(lm_fixture / "spec.toml"),
         "--out",
         str(tmp_path / "p.safetensors"),
+        expect=2,
     )
     assert_bad_input(result, "does not exist")
     assert not (tmp_path / "p.safetensors").exists()
@@ -64,29 +57,29 @@ def test_missing_model_folder(lm_fixture, tmp_path):
 
 def test_unknown_spec_key_is_named(lm_fixture, tmp_path):
     spec = edited_spec(lm_fixture, tmp_path, lambda raw: raw["erase"].update(lamda=3))
-    result = patcher("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"))
+    result = run_cli("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"), expect=2)
     assert_bad_input(result, "unknown key 'erase.lamda'")
 
 
 def test_empty_forget_list(lm_fixture, tmp_path):
     spec = edited_spec(lm_fixture, tmp_path, lambda raw: raw.update(forget=[]))
-    result = patcher("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"))
+    result = run_cli("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"), expect=2)
     assert_bad_input(result, "no [[forget]] facts")
 
 
 def test_target_the_tokenizer_cannot_encode(lm_fixture, tmp_path):
     spec = edited_spec(lm_fixture, tmp_path, lambda raw: raw["forget"][0].update(target="Zanzibar"))
-    result = patcher("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"))
+    result = run_cli("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"), expect=2)
     assert_bad_input(result, "'Zanzibar' has words the tokenizer cannot encode")
 
 
 def test_truncated_patch(lm_fixture, patch_file, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(patch_file.read_bytes()[:200])
-    result = patcher("apply", str(lm_fixture), str(broken), "--out", str(tmp_path / "out"))
+    result = run_cli("apply", str(lm_fixture), str(broken), "--out", str(tmp_path / "out"), expect=2)
     assert_bad_input(result, "not a readable patch file")
     assert not (tmp_path / "out").exists()
-    assert_bad_input(patcher("inspect", str(broken)), "not a readable patch file")
+    assert_bad_input(run_cli("inspect", str(broken), expect=2), "not a readable patch file")
 
 
 def test_patch_for_another_model_is_refused(lm_fixture, patch_file, tmp_path):
@@ -96,15 +89,15 @@ def test_patch_for_another_model_is_refused(lm_fixture, patch_file, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"  # one of the tensors the patch edits
     weights[name] = weights[name] + 1e-3
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
-    result = patcher("apply", str(other), str(patch_file), "--out", str(tmp_path / "out"))
+    result = run_cli("apply", str(other), str(patch_file), "--out", str(tmp_path / "out"), expect=2)
     assert_bad_input(result, "fingerprint mismatch")
     assert not (tmp_path / "out").exists()
-    forced = patcher("apply", str(other), str(patch_file), "--out", str(tmp_path / "out"), "--force")
+    forced = run_cli("apply", str(other), str(patch_file), "--out", str(tmp_path / "out"), "--force")
     assert forced.returncode == 0 and (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_apply_writes_a_folder_transformers_loads(lm_fixture, patch_file, tmp_path):
-    result = patcher("apply", str(lm_fixture), str(patch_file), "--out", str(tmp_path / "patched"))
+    result = run_cli("apply", str(lm_fixture), str(patch_file), "--out", str(tmp_path / "patched"))
     assert result.returncode == 0, result.stderr
     base = AutoModelForCausalLM.from_pretrained(lm_fixture)
     patched = AutoModelForCausalLM.from_pretrained(tmp_path / "patched")
@@ -118,7 +111,7 @@ def test_apply_writes_a_folder_transformers_loads(lm_fixture, patch_file, tmp_pa
 
 
 def test_inspect_reports_the_patch(patch_file):
-    result = patcher("inspect", str(patch_file), "--json")
+    result = run_cli("inspect", str(patch_file), "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["method"] == "memit"
@@ -127,5 +120,5 @@ def test_inspect_reports_the_patch(patch_file):
 
 
 def test_unknown_export_format(lm_fixture, tmp_path):
-    result = patcher("export", str(lm_fixture), "--to", "gguf", "--out", str(tmp_path / "x"))
+    result = run_cli("export", str(lm_fixture), "--to", "gguf", "--out", str(tmp_path / "x"), expect=2)
     assert_bad_input(result, "unknown export format 'gguf'")

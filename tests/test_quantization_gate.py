@@ -6,13 +6,10 @@ patcher loader) and judged with transformers' own `generate`.
 
 import json
 import shutil
-import subprocess
-import sys
-import tempfile
 
 import pytest
-from test_erasure_e2e import generate_accuracy
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from helpers import generate_accuracy, run_cli, tiny_llama_config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from patcher.spec import load_spec
 
@@ -20,17 +17,9 @@ pytestmark = pytest.mark.slow
 FORMATS = ["int8", "nf4", "fp4"]
 
 
-def cli(*args, expect=0):
-    result = subprocess.run(
-        [sys.executable, "-m", "patcher", *args], capture_output=True, text=True, cwd=tempfile.gettempdir()
-    )
-    assert result.returncode == expect, result.stderr
-    return result
-
-
 def test_robust_erasure_holds_in_every_quantized_export(lm_fixture, tmp_path):
     spec_path = lm_fixture / "spec.toml"
-    cli(
+    run_cli(
         "erase",
         str(lm_fixture),
         "--spec",
@@ -46,7 +35,7 @@ def test_robust_erasure_holds_in_every_quantized_export(lm_fixture, tmp_path):
     base_forget = generate_accuracy(lm_fixture, forget)
     base_retain = generate_accuracy(lm_fixture, retain)
 
-    cli(
+    run_cli(
         "export",
         str(lm_fixture),
         "--to",
@@ -59,7 +48,7 @@ def test_robust_erasure_holds_in_every_quantized_export(lm_fixture, tmp_path):
     full_precision_forget = generate_accuracy(tmp_path / "safetensors", forget)
     for fmt in FORMATS:
         folder = tmp_path / fmt
-        cli(
+        run_cli(
             "export",
             str(lm_fixture),
             "--to",
@@ -83,9 +72,9 @@ def test_robust_erasure_holds_in_every_quantized_export(lm_fixture, tmp_path):
 def test_verify_fails_on_the_ga_baseline_and_names_the_gate(lm_fixture, tmp_path):
     spec_path = lm_fixture / "spec.toml"
     patch = str(tmp_path / "ga.safetensors")
-    cli("erase", str(lm_fixture), "--spec", str(spec_path), "--method", "ga", "--out", patch)
-    cli("apply", str(lm_fixture), patch, "--out", str(tmp_path / "ga"))
-    result = cli(
+    run_cli("erase", str(lm_fixture), "--spec", str(spec_path), "--method", "ga", "--out", patch)
+    run_cli("apply", str(lm_fixture), patch, "--out", str(tmp_path / "ga"))
+    result = run_cli(
         "verify",
         "--base",
         str(lm_fixture),
@@ -108,7 +97,7 @@ def test_verify_fails_on_the_ga_baseline_and_names_the_gate(lm_fixture, tmp_path
 
 def test_format_bad_input(lm_fixture, tmp_path):
     spec_path = str(lm_fixture / "spec.toml")
-    result = cli(
+    result = run_cli(
         "verify",
         "--base",
         str(lm_fixture),
@@ -122,17 +111,10 @@ def test_format_bad_input(lm_fixture, tmp_path):
     )
     assert "unknown format 'int3'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     small = tmp_path / "small"
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
+    config = tiny_llama_config(48, 96)
     LlamaForCausalLM(config).save_pretrained(small)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(lm_fixture / name, small / name)
-    result = cli("export", str(small), "--to", "nf4", "--out", str(tmp_path / "nf4"), expect=2)
+    result = run_cli("export", str(small), "--to", "nf4", "--out", str(tmp_path / "nf4"), expect=2)
     assert "too small for nf4" in result.stderr and not (tmp_path / "nf4").exists()
     assert AutoTokenizer.from_pretrained(small) is not None

@@ -5,7 +5,8 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from patcher.errors import PatcherError
 from patcher.formats.quantized import (
@@ -27,15 +28,7 @@ TOLERANCE = {"int8": 1e-3, "nf4": 8e-3, "fp4": 8e-3, "int4": 1e-6}
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=32,
-    )
+    config = tiny_llama_config(128, 256, layers=2)
     folder = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -94,14 +87,7 @@ def test_bad_formats_are_clear_errors(monkeypatch):
 
 
 def test_model_too_small_for_the_4bit_block():
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
+    config = tiny_llama_config(48, 96)
     model = LlamaForCausalLM(config)
     with pytest.raises(PatcherError, match="too small for nf4"):
         check_quantizable(model, "nf4")

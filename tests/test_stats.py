@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from patcher.adapters import causal_lm_adapter
 from patcher.errors import PatcherError
@@ -12,15 +13,7 @@ from patcher.stats import SecondMoments, collect_second_moments
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=32,
-    )
+    config = tiny_llama_config(32, 48, layers=3, vocab=40)
     return causal_lm_adapter(LlamaForCausalLM(config).eval())
 
 

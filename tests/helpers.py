@@ -1,0 +1,44 @@
+"""Helpers shared by the test modules."""
+
+import subprocess
+import sys
+import tempfile
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+
+def run_cli(*args: str, expect: int | None = 0) -> subprocess.CompletedProcess:
+    """Run `patcher ARGS` as a user would, from a neutral folder (not the repository root)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "patcher", *args], capture_output=True, text=True, cwd=tempfile.gettempdir()
+    )
+    if expect is not None:
+        assert result.returncode == expect, result.stderr
+    return result
+
+
+def tiny_llama_config(hidden: int, intermediate: int, layers: int = 1, vocab: int = 64) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
+
+
+@torch.no_grad()
+def generate_accuracy(folder, facts) -> float:
+    """Share of (prompt, target) facts that transformers' own greedy `generate` reproduces."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    hits = 0
+    for prompt, target in facts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        wanted = tokenizer(" " + target, add_special_tokens=False).input_ids
+        out = model.generate(ids, max_new_tokens=len(wanted), do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        hits += out[0, ids.shape[1] :].tolist() == wanted
+    return hits / len(facts)
