@@ -18,6 +18,13 @@ def run_cli(*args: str, expect: int | None = 0) -> subprocess.CompletedProcess:
     return result
 
 
+def spec_facts(spec) -> tuple[list, list, list]:
+    """(forget, paraphrase, retain) lists of (prompt, target) from a loaded spec."""
+    forget = [(f.prompt, f.target) for f in spec.forget]
+    paraphrases = [(p, f.target) for f in spec.forget for p in f.paraphrases]
+    return forget, paraphrases, [(r.prompt, r.target) for r in spec.retain]
+
+
 def tiny_llama_config(hidden: int, intermediate: int, layers: int = 1, vocab: int = 64) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab,

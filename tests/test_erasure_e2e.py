@@ -7,7 +7,7 @@ evaluator, so the method cannot grade its own homework.
 import json
 
 import pytest
-from helpers import generate_accuracy, run_cli
+from helpers import generate_accuracy, run_cli, spec_facts
 
 from patcher.spec import load_spec
 
@@ -38,10 +38,7 @@ def test_erasure_holds_in_the_exported_model(method, lm_fixture, tmp_path):
         str(tmp_path / "export"),
     )
 
-    spec = load_spec(spec_path)
-    forget = [(f.prompt, f.target) for f in spec.forget]
-    paraphrases = [(p, f.target) for f in spec.forget for p in f.paraphrases]
-    retain = [(r.prompt, r.target) for r in spec.retain]
+    forget, paraphrases, retain = spec_facts(load_spec(spec_path))
     assert len(forget) >= 20 and len(retain) >= 100
 
     assert generate_accuracy(lm_fixture, forget) >= 0.95

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from helpers import generate_accuracy, run_cli, tiny_llama_config
+from helpers import generate_accuracy, run_cli, spec_facts, tiny_llama_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from patcher.spec import load_spec
@@ -29,9 +29,7 @@ def test_robust_erasure_holds_in_every_quantized_export(lm_fixture, tmp_path):
         "--out",
         str(tmp_path / "patch.safetensors"),
     )
-    spec = load_spec(spec_path)
-    forget = [(f.prompt, f.target) for f in spec.forget]
-    retain = [(r.prompt, r.target) for r in spec.retain]
+    forget, _, retain = spec_facts(load_spec(spec_path))
     base_forget = generate_accuracy(lm_fixture, forget)
     base_retain = generate_accuracy(lm_fixture, retain)
 
