@@ -18,6 +18,11 @@ def run_cli(*args: str, expect: int | None = 0) -> subprocess.CompletedProcess:
     return result
 
 
+def export_patched(model, patch, fmt: str, out) -> None:
+    """`patcher export MODEL --to FMT --patch PATCH --out OUT`, expecting success."""
+    run_cli("export", str(model), "--to", fmt, "--patch", str(patch), "--out", str(out))
+
+
 def spec_facts(spec) -> tuple[list, list, list]:
     """(forget, paraphrase, retain) lists of (prompt, target) from a loaded spec."""
     forget = [(f.prompt, f.target) for f in spec.forget]

@@ -7,7 +7,7 @@ evaluator, so the method cannot grade its own homework.
 import json
 
 import pytest
-from helpers import generate_accuracy, run_cli, spec_facts
+from helpers import export_patched, generate_accuracy, run_cli, spec_facts
 
 from patcher.spec import load_spec
 
@@ -27,16 +27,7 @@ def test_erasure_holds_in_the_exported_model(method, lm_fixture, tmp_path):
         "--out",
         str(tmp_path / "patch.safetensors"),
     )
-    run_cli(
-        "export",
-        str(lm_fixture),
-        "--to",
-        "safetensors",
-        "--patch",
-        str(tmp_path / "patch.safetensors"),
-        "--out",
-        str(tmp_path / "export"),
-    )
+    export_patched(lm_fixture, tmp_path / "patch.safetensors", "safetensors", tmp_path / "export")
 
     forget, paraphrases, retain = spec_facts(load_spec(spec_path))
     assert len(forget) >= 20 and len(retain) >= 100

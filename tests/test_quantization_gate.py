@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from helpers import generate_accuracy, run_cli, spec_facts, tiny_llama_config
+from helpers import export_patched, generate_accuracy, run_cli, spec_facts, tiny_llama_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from patcher.spec import load_spec
@@ -33,29 +33,11 @@ def test_robust_erasure_holds_in_every_quantized_export(lm_fixture, tmp_path):
     base_forget = generate_accuracy(lm_fixture, forget)
     base_retain = generate_accuracy(lm_fixture, retain)
 
-    run_cli(
-        "export",
-        str(lm_fixture),
-        "--to",
-        "safetensors",
-        "--patch",
-        str(tmp_path / "patch.safetensors"),
-        "--out",
-        str(tmp_path / "safetensors"),
-    )
+    export_patched(lm_fixture, tmp_path / "patch.safetensors", "safetensors", tmp_path / "safetensors")
     full_precision_forget = generate_accuracy(tmp_path / "safetensors", forget)
     for fmt in FORMATS:
         folder = tmp_path / fmt
-        run_cli(
-            "export",
-            str(lm_fixture),
-            "--to",
-            fmt,
-            "--patch",
-            str(tmp_path / "patch.safetensors"),
-            "--out",
-            str(folder),
-        )
+        export_patched(lm_fixture, tmp_path / "patch.safetensors", fmt, folder)
         config = json.loads((folder / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "bitsandbytes"
         model = AutoModelForCausalLM.from_pretrained(folder)
