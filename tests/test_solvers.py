@@ -20,10 +20,11 @@ def random_problem(seed, d_model=7, d_k=13, n=4, corpus=50):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("lam", [0.5, 15000.0])
-def test_memit_update_matches_numpy(seed, lam):
+@pytest.mark.parametrize("ridge", [0.0, 3.0])
+def test_memit_update_matches_numpy(seed, lam, ridge):
     keys, residuals, cov = random_problem(seed)
-    expected = residuals @ keys.T @ np.linalg.inv(lam * cov + keys @ keys.T)
-    got = memit_update(torch.from_numpy(keys), torch.from_numpy(residuals), torch.from_numpy(cov), lam)
+    expected = residuals @ keys.T @ np.linalg.inv(lam * cov + keys @ keys.T + ridge * np.eye(cov.shape[0]))
+    got = memit_update(torch.from_numpy(keys), torch.from_numpy(residuals), torch.from_numpy(cov), lam, ridge)
     assert got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-12)
 

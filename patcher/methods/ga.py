@@ -2,10 +2,9 @@
 
 Ascends the forget targets' negative log-likelihood while descending the language-model
 loss on the preservation corpus, with a small step, and stops as soon as no forget fact is
-answered in full precision. This is the recipe that quantization undoes (Zhang et al.,
-"Catastrophic Failure of LLM Unlearning via Quantization"): the update is smaller than the
-quantizer's bucket, so the quantized unlearned model rounds back to the quantized
-original. `patcher verify` exists to catch exactly that.
+answered in full precision. Zhang et al. ("Catastrophic Failure of LLM Unlearning via
+Quantization") report that 4-bit quantization undoes this recipe on 7B models; on the LM
+fixture it does not (the README says why), and `patcher verify` fails it on retain.
 """
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ def gradient_ascent(inputs: EditInputs) -> Deltas:
     optimizer = torch.optim.Adam(trained.values(), lr=lr)
     generator = torch.Generator().manual_seed(0)
 
-    model.train()
     try:
         for _ in range(max_steps):
             model.eval()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.progress import progress
+from patcher.scoring import reproduces
 from patcher.spec import ForgetFact
 from patcher.tokens import encode_prompt, encode_target, pad_id, right_padded
 
@@ -275,17 +276,9 @@ def target_value(
     return original + delta.detach().double()
 
 
-@torch.no_grad()
 def still_answered(model, requests: list[EditRequest], pad: int) -> list[bool]:
     """Whether greedy decoding still reproduces each request's full target (the edit's goal)."""
-    logits = _run(model, [r.prompt_ids + r.target_ids[:-1] for r in requests], pad)
-    predicted = logits.argmax(-1).cpu()
-    results = []
-    for row, request in enumerate(requests):
-        start = len(request.prompt_ids) - 1
-        positions = torch.arange(start, start + len(request.target_ids))
-        results.append(bool((predicted[row, positions] == torch.tensor(request.target_ids)).all()))
-    return results
+    return reproduces(model, [(r.prompt_ids, r.target_ids) for r in requests], pad)
 
 
 def edit_layers(
