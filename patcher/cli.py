@@ -80,7 +80,7 @@ def demo(out: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["lm", "diffusion"]))
+@click.argument("kind", type=click.Choice(["lm", "diffusion", "classifier"]))
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
     "--arch", type=click.Choice(["llama", "gpt2"]), default="llama", show_default=True, help="lm: the architecture"
@@ -95,15 +95,17 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None) -> None:
     """Build a small trained model with spec.toml and corpus.txt into OUT (cached).
 
     lm: a Llama (or GPT-2) that knows a fictitious world; diffusion: a Stable Diffusion
-    pipeline that draws coloured shapes, with the image judge that grades them.
+    pipeline that draws coloured shapes, with the image judge that grades them;
+    classifier: a ResNet that tells eight coloured shapes apart, with its train and test images.
     """
     from patcher.fixtures import build_fixture
 
-    if kind == "diffusion" and grid is not None:
+    if kind != "lm" and grid is not None:
         raise PatcherError("--grid applies to the lm fixture")
     build_fixture(kind, out, arch, grid)
-    what = f"{arch}, weights on the {grid} grid" if grid else arch if kind == "lm" else "stable diffusion"
-    click.echo(f"fixture {kind} ({what}) in {out}: spec {out / 'spec.toml'}, corpus {out / 'corpus.txt'}")
+    what = {"lm": f"{arch}, weights on the {grid} grid" if grid else arch, "diffusion": "stable diffusion"}
+    data = f"images {out / 'data'}" if kind == "classifier" else f"corpus {out / 'corpus.txt'}"
+    click.echo(f"fixture {kind} ({what.get(kind, 'resnet')}) in {out}: spec {out / 'spec.toml'}, {data}")
 
 
 @main.command()

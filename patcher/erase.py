@@ -14,7 +14,14 @@ from patcher.locate import locate
 from patcher.methods import EditInputs, get_method
 from patcher.methods.lm_edit import auto_layers
 from patcher.methods.robust import Robustness
-from patcher.models import detect_family, load_causal_lm, load_pipeline, model_fingerprint, resolve_model_dir
+from patcher.models import (
+    detect_family,
+    load_causal_lm,
+    load_classifier,
+    load_pipeline,
+    model_fingerprint,
+    resolve_model_dir,
+)
 from patcher.spec import ForgetFact, Spec
 from patcher.stats import (
     SecondMoments,
@@ -26,6 +33,9 @@ from patcher.stats import (
 
 ROBUST_METHODS = ("memit", "alphaedit")
 PIPELINE_METHODS = ("uce", "rece")
+CLASSIFIER_METHODS = ("ssd",)
+# Methods that read data through the spec instead of the key statistics.
+STATISTICS_FREE_METHODS = ("ssd",)
 
 
 def model_dir_for(spec: Spec, model: str | Path | None, trust_remote_code: bool = False) -> Path:
@@ -83,33 +93,46 @@ def erase(
     family = detect_family(folder) if spec.family == "auto" else spec.family
     method_name = method or spec.method
     edit = get_method(method_name)
-    if (family == "t2i-unet") != (method_name in PIPELINE_METHODS):
-        raise PatcherError(
-            f"{method_name} cannot edit {folder}, a {family} model: "
-            f"{', '.join(PIPELINE_METHODS)} edit text-to-image pipelines, the other methods causal LMs"
-        )
+    _check_method_fits(method_name, family, folder)
+    if robust_to:
+        Robustness(tuple(robust_to))  # validate the names before any work
+        if method_name not in ROBUST_METHODS:
+            raise PatcherError(f"--robust-to works with {', '.join(ROBUST_METHODS)}, not {method_name}")
+    if family == "classifier":
+        deltas = edit(EditInputs(load_classifier(folder, trust_remote_code), None, spec, None, []))
+        return _patch(folder, deltas, method_name, spec)
     if family == "t2i-unet":
-        if robust_to:
-            raise PatcherError("--robust-to applies to causal-LM edits; verify checks a pipeline's quantized UNet")
         adapter = UNetAdapter.from_pipeline(load_pipeline(folder))
         deltas = edit(EditInputs(adapter, None, spec, None, []))
         return _patch(folder, deltas, method_name, spec)
-    if family != "causal-lm":
-        raise PatcherError(f"{folder} is a {family} model; erase supports causal-lm and t2i-unet models")
     lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
     adapter = causal_lm_adapter(lm)
+    if method_name in STATISTICS_FREE_METHODS:
+        deltas = edit(EditInputs(adapter, tokenizer, spec, None, []))
+        return _patch(folder, deltas, method_name, spec)
     layers = resolve_layers(spec.layers, adapter, tokenizer, spec.forget)
     moments = (
         SecondMoments.load(stats)
         if stats is not None
         else cached_second_moments(folder, adapter, tokenizer, spec.corpus, layers)
     )
-    if robust_to:
-        Robustness(tuple(robust_to))  # validate the names before any work
-        if method_name not in ROBUST_METHODS:
-            raise PatcherError(f"--robust-to works with {', '.join(ROBUST_METHODS)}, not {method_name}")
     deltas = edit(EditInputs(adapter, tokenizer, spec, moments, layers, tuple(robust_to)))
     return _patch(folder, deltas, method_name, spec)
+
+
+def _check_method_fits(method_name: str, family: str, folder: Path) -> None:
+    """A one-line error when the method cannot edit this family of model."""
+    fits = {
+        "t2i-unet": method_name in PIPELINE_METHODS,
+        "classifier": method_name in CLASSIFIER_METHODS,
+        "causal-lm": method_name not in PIPELINE_METHODS,
+    }
+    if not fits.get(family, False):
+        raise PatcherError(
+            f"{method_name} cannot edit {folder}, a {family} model: {', '.join(PIPELINE_METHODS)} edit "
+            f"text-to-image pipelines, {', '.join(CLASSIFIER_METHODS)} image classifiers (and causal LMs), "
+            "the other methods causal LMs"
+        )
 
 
 def _patch(folder: Path, deltas: dict, method_name: str, spec: Spec) -> Patch:

@@ -75,6 +75,22 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32, trust_remot
     return model.eval(), tokenizer
 
 
+def load_classifier(folder: Path, trust_remote_code: bool = False):
+    """An image classifier from a folder, in fp32 eval mode."""
+    from transformers import AutoModelForImageClassification
+
+    if not (folder / "config.json").is_file():
+        raise PatcherError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+        raise PatcherError(f"cannot load an image classifier from {folder}: {reason}") from None
+    return model.eval()
+
+
 def load_pipeline(folder: Path, unet=None):
     """A diffusers pipeline from a folder, in fp32 on CPU, without progress bars.
 

@@ -36,6 +36,8 @@ ERASE_HPARAMS = {
     "preserve_scale": (int, float),
     "rece_rounds": int,
     "rece_regularization": (int, float),
+    "ssd_alpha": (int, float),
+    "ssd_lambda": (int, float),
 }
 GATE_KEYS = (
     "max_forget_accuracy",
@@ -56,9 +58,9 @@ IMAGE_CHECK_KEYS = {
 DEFAULT_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}")
 SCHEMA: dict[str, dict[str, Any]] = {
     "model": {"path": str, "family": str},
-    "stats": {"corpus": str},
+    "stats": {"corpus": str, "data": str},
     "erase": {"method": str, "layers": (str, list), "templates": list, **ERASE_HPARAMS},
-    "verify": {"formats": list, **dict.fromkeys(GATE_KEYS, (int, float)), **IMAGE_CHECK_KEYS},
+    "verify": {"formats": list, "data": str, **dict.fromkeys(GATE_KEYS, (int, float)), **IMAGE_CHECK_KEYS},
     "export": {"formats": list},
 }
 ENTRY_SCHEMA: dict[str, dict[str, Any]] = {
@@ -128,6 +130,8 @@ class Spec:
     model_path: str | None = None
     family: str = "auto"
     corpus: Path | None = None
+    stats_data: Path | None = None  # classifier: labelled training images (an image set)
+    eval_data: Path | None = None  # classifier: labelled test images verify grades on
     method: str = "memit"
     layers: str | list[int] = "auto"
     hparams: dict[str, float | int] = field(default_factory=dict)
@@ -176,6 +180,8 @@ def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
         model_path=model.get("path"),
         family=family,
         corpus=(folder / stats["corpus"]).resolve() if "corpus" in stats else None,
+        stats_data=(folder / stats["data"]).resolve() if "data" in stats else None,
+        eval_data=(folder / verify["data"]).resolve() if "data" in verify else None,
         method=erase.get("method", "memit"),
         layers=_layers(erase.get("layers", "auto"), where),
         hparams={k: v for k, v in erase.items() if k in ERASE_HPARAMS},

@@ -45,3 +45,11 @@ def diffusion_fixture(tmp_path_factory) -> Path:
     from patcher.fixtures import build_fixture
 
     return build_fixture("diffusion", tmp_path_factory.mktemp("fixture") / "diffusion")
+
+
+@pytest.fixture(scope="session")
+def classifier_fixture(tmp_path_factory) -> Path:
+    """The classifier fixture folder (ResNet, image processor, data/, spec.toml); seconds to build."""
+    from patcher.fixtures import build_fixture
+
+    return build_fixture("classifier", tmp_path_factory.mktemp("fixture") / "classifier")

@@ -51,4 +51,4 @@ def hparam(inputs: EditInputs, name: str, default):
 
 
 # Importing the method modules registers them.
-from patcher.methods import alphaedit, ga, memit, uce  # noqa: E402,F401
+from patcher.methods import alphaedit, ga, memit, ssd, uce  # noqa: E402,F401

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.hf import PROVENANCE_FILE
@@ -65,10 +67,16 @@ def edit_kept(base_model, patched_model, edit_norms: dict[str, float]) -> dict[s
     kept = {}
     for param, norm in edit_norms.items():
         module = param.removesuffix(".weight")
-        if module in base_modules and norm > 0:
+        if module in base_modules and norm > 0 and _is_matmul(base_modules[module]):
             change = dequantized_weight(patched_modules[module]) - dequantized_weight(base_modules[module])
             kept[param] = change.norm().item() / norm
     return kept
+
+
+def _is_matmul(module) -> bool:
+    """Linear-like: a 2-D weight used as a matrix product (not an embedding table or a norm)."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.ndim == 2 and not isinstance(module, torch.nn.Embedding)
 
 
 def verify(base: Path, patched: Path, spec: Spec, formats: list[str] | None = None) -> dict:
@@ -79,6 +87,10 @@ def verify(base: Path, patched: Path, spec: Spec, formats: list[str] | None = No
         from patcher.verification.pipelines import verify_pipeline
 
         return verify_pipeline(base, patched, spec, formats)
+    if family == "classifier":
+        from patcher.verification.classifier import verify_classifier
+
+        return verify_classifier(base, patched, spec, formats)
     check_formats(formats)
     timings: dict[str, float] = {}
     provenance = read_provenance(patched)

@@ -1,0 +1,58 @@
+"""`patcher verify` for image classifiers: accuracy on the forget classes and on the others.
+
+Forget accuracy is the share of test images of a `[[forget_class]]` label still predicted
+as that label; retain accuracy the same over every other class. There is no paraphrase
+column. Only full precision is verified: bitsandbytes quantizes linear layers, and a
+convolutional classifier's one linear layer is its head, which quantization configs skip.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from patcher.errors import PatcherError
+from patcher.imagesets import ImageSet
+from patcher.models import load_classifier
+from patcher.spec import Spec
+from patcher.verification.report import assemble_report, graded_row, read_provenance
+
+CLASSIFIER_FORMATS = ("safetensors",)
+
+
+@torch.no_grad()
+def class_metrics(model, images: ImageSet, forget_classes: list[int]) -> dict[str, float | None]:
+    """Forget and retain top-1 accuracy on a labelled test set."""
+    forget, retain = images.of_classes(forget_classes), images.of_classes(forget_classes, keep=False)
+    if not len(forget) or not len(retain):
+        raise PatcherError("the [verify] data needs test images of the forget classes and of the others")
+
+    def top1(subset: ImageSet) -> float:
+        predicted = model(pixel_values=subset.pixel_values).logits.argmax(-1)
+        return (predicted == subset.labels).float().mean().item()
+
+    return {"forget_accuracy": top1(forget), "paraphrase_accuracy": None, "retain_accuracy": top1(retain)}
+
+
+def verify_classifier(base: Path, patched: Path, spec: Spec, formats: list[str]) -> dict:
+    """Forget and retain accuracy of base and patched classifier; the report of DESIGN.md section 4."""
+    unsupported = [f for f in formats if f not in CLASSIFIER_FORMATS]
+    if unsupported:
+        raise PatcherError(
+            f"format {unsupported[0]!r} is not verified for classifiers: bitsandbytes leaves their "
+            'convolutions unquantized; use formats = ["safetensors"]'
+        )
+    if not spec.forget_classes:
+        raise PatcherError("the spec has no [[forget_class]] entries to verify")
+    if spec.eval_data is None:
+        raise PatcherError("classifier verify needs labelled test images: set [verify] data in the spec")
+    images = ImageSet.load(spec.eval_data)
+    start = time.perf_counter()
+    base_row = class_metrics(load_classifier(base), images, spec.forget_classes)
+    reference = class_metrics(load_classifier(patched), images, spec.forget_classes)
+    timings = {"full_precision": round(time.perf_counter() - start, 3)}
+    rows = {"safetensors": graded_row(dict(reference), base_row, reference, base_row, spec.gates)}
+    method = read_provenance(patched).get("method", spec.method)
+    return assemble_report(base, method, rows, base_row, spec.gates, timings)
