@@ -26,6 +26,14 @@ REQUIRED_METADATA = ("patcher_version", "method", "spec", "base", "created")
 JSON_METADATA = ("spec", "base", "base_dtypes")
 
 
+@dataclass(frozen=True)
+class LowRankDelta:
+    """A delta stored as its factors, delta = b @ a, in the parameter's own layout."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+
+
 class PatchError(PatcherError):
     """A patch file that cannot be read, or a patch that does not fit the model."""
 
@@ -52,14 +60,23 @@ class Patch:
     @classmethod
     def from_deltas(
         cls,
-        deltas: dict[str, torch.Tensor],
+        deltas: dict[str, torch.Tensor | LowRankDelta],
         method: str,
         spec: dict,
         base: dict[str, str],
         base_dtypes: dict[str, str] | None = None,
     ) -> Patch:
-        """A dense patch: one `<param>.delta` tensor per parameter."""
-        tensors = {f"{name}.delta": d.detach().float().contiguous().cpu() for name, d in deltas.items()}
+        """A patch of `<param>.delta` tensors, or `<param>.lora_A` / `.lora_B` pairs for low-rank deltas."""
+
+        def stored(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().float().contiguous().cpu()
+
+        tensors = {}
+        for name, delta in deltas.items():
+            if isinstance(delta, LowRankDelta):
+                tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = stored(delta.a), stored(delta.b)
+            else:
+                tensors[f"{name}.delta"] = stored(delta)
         return cls(tensors, method, spec, base, base_dtypes or {})
 
     @property

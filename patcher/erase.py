@@ -35,7 +35,7 @@ ROBUST_METHODS = ("memit", "alphaedit")
 PIPELINE_METHODS = ("uce", "rece")
 CLASSIFIER_METHODS = ("ssd",)
 # Methods that read data through the spec instead of the key statistics.
-STATISTICS_FREE_METHODS = ("ssd",)
+STATISTICS_FREE_METHODS = ("ssd", "fila")
 
 
 def model_dir_for(spec: Spec, model: str | Path | None, trust_remote_code: bool = False) -> Path:
@@ -107,15 +107,13 @@ def erase(
         return _patch(folder, deltas, method_name, spec)
     lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
     adapter = causal_lm_adapter(lm)
-    if method_name in STATISTICS_FREE_METHODS:
-        deltas = edit(EditInputs(adapter, tokenizer, spec, None, []))
-        return _patch(folder, deltas, method_name, spec)
     layers = resolve_layers(spec.layers, adapter, tokenizer, spec.forget)
-    moments = (
-        SecondMoments.load(stats)
-        if stats is not None
-        else cached_second_moments(folder, adapter, tokenizer, spec.corpus, layers)
-    )
+    if method_name in STATISTICS_FREE_METHODS:
+        moments = None
+    elif stats is not None:
+        moments = SecondMoments.load(stats)
+    else:
+        moments = cached_second_moments(folder, adapter, tokenizer, spec.corpus, layers)
     deltas = edit(EditInputs(adapter, tokenizer, spec, moments, layers, tuple(robust_to)))
     return _patch(folder, deltas, method_name, spec)
 

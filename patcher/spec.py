@@ -38,6 +38,9 @@ ERASE_HPARAMS = {
     "rece_regularization": (int, float),
     "ssd_alpha": (int, float),
     "ssd_lambda": (int, float),
+    "lora_rank": int,
+    "fila_steps": int,
+    "fila_lr": (int, float),
 }
 GATE_KEYS = (
     "max_forget_accuracy",

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from patcher.errors import PatcherError
+from patcher.formats.patch import LowRankDelta
 from patcher.spec import Spec
 from patcher.stats import SecondMoments
 
-Deltas = dict[str, torch.Tensor]  # param name -> delta in the parameter's own layout
+Deltas = dict[str, torch.Tensor | LowRankDelta]  # param name -> delta in the parameter's own layout
 
 
 @dataclass
@@ -51,4 +52,4 @@ def hparam(inputs: EditInputs, name: str, default):
 
 
 # Importing the method modules registers them.
-from patcher.methods import alphaedit, ga, memit, ssd, uce  # noqa: E402,F401
+from patcher.methods import alphaedit, fila, ga, memit, ssd, uce  # noqa: E402,F401
