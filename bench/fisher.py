@@ -2,9 +2,11 @@
 
     python bench/fisher.py
 
-Two models, every MLP down-projection: the LM fixture (4 layers, 512 -> 128) over 64
-corpus lines, and a GPT-2-small-shaped model (2 layers of 768 / 3072, random weights)
-over 2 batches of 8 x 128 random tokens. Providers, each in its own process:
+Every MLP down-projection of: the LM fixture (4 layers, 512 -> 128) over 64 corpus lines;
+a GPT-2-small-shaped model (2 layers of 768 / 3072, random weights) over 2 batches of
+8 x 128 random tokens (long samples: activations dominate memory); the same model over 2
+batches of 64 x 16 tokens (short samples such as facts, the usual unlearning data:
+per-sample gradients dominate memory). Providers, each in its own process:
 `patcher` is `stats.collect_fisher` (each sample's gradient squared a few samples at a
 time, or by the Triton kernel on CUDA); `opacus-einsum` hooks the same layers and
 materialises every sample's gradient with an einsum (B x d_out x d_in), as Opacus does,
@@ -29,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from patcher.adapters import causal_lm_adapter
 from patcher.stats import collect_fisher
 
-MODELS = ("lm-fixture", "gpt2-small-shaped")
+MODELS = ("lm-fixture", "gpt2-small-shaped", "gpt2-small-short")
+GPT2_BATCHES = {"gpt2-small-shaped": (8, 128), "gpt2-small-short": (64, 16)}  # samples x tokens
 PROVIDERS = ("opacus-einsum", "patcher")
 
 
@@ -50,8 +53,12 @@ def setup(model_name: str):
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=768, n_layer=2, n_head=12)).eval()
-    batches = [(torch.randint(50257, (8, 128)), torch.ones(8, 128, dtype=torch.long)) for _ in range(2)]
-    return causal_lm_adapter(model), batches, [0, 1], "GPT-2-small shapes, 2 layers 3072->768, 2x8x128"
+    samples, tokens = GPT2_BATCHES[model_name]
+    batches = [
+        (torch.randint(50257, (samples, tokens)), torch.ones(samples, tokens, dtype=torch.long)) for _ in range(2)
+    ]
+    description = f"GPT-2-small shapes, 2 layers 3072->768, 2x{samples}x{tokens}"
+    return causal_lm_adapter(model), batches, [0, 1], description
 
 
 def opacus_einsum(adapter, batches, layers) -> dict[str, torch.Tensor]:
