@@ -8,6 +8,7 @@ from pathlib import Path
 from patcher.erase import erase
 from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder
+from patcher.formats.onnx import ONNX_FORMATS, export_onnx
 from patcher.formats.quantized import export_quantized
 from patcher.spec import load_spec
 from patcher.verification.report import verify, write_report
@@ -15,7 +16,7 @@ from patcher.verification.report import verify, write_report
 
 def run_demo(out: Path) -> dict:
     """Fixture -> robust erase (the spec's closed-form method, made to hold in every quantized
-    format the spec verifies) -> export every format -> verify each -> report.json."""
+    format the spec verifies) -> export every format, ONNX and ONNX int8 too -> verify each -> report.json."""
     timings = {}
     start = time.perf_counter()
     fixture = build_fixture("lm", out / "fixture")
@@ -30,8 +31,10 @@ def run_demo(out: Path) -> dict:
     write_model_folder(fixture, out / "safetensors", patch)
     for fmt in quantized:
         export_quantized(out / "safetensors", fmt, out / fmt)
+    for fmt in ONNX_FORMATS:
+        export_onnx(out / "safetensors", fmt, out / fmt)
     timings["export"] = time.perf_counter() - start
-    report = verify(fixture, out / "safetensors", spec)
+    report = verify(fixture, out / "safetensors", spec, [*spec.formats, *ONNX_FORMATS])
     report["timings"].update({k: round(v, 3) for k, v in timings.items()})
     write_report(report, out / "report.json")
     return report

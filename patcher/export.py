@@ -9,12 +9,13 @@ from patcher.errors import PatcherError
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.hf import check_patch_fits, write_model_folder
 from patcher.formats.lora import export_diffusers_lora
+from patcher.formats.onnx import ONNX_FORMATS, export_onnx
 from patcher.formats.patch import Patch
 from patcher.formats.peft import export_peft
 from patcher.formats.quantized import QUANTIZED_FORMATS, export_quantized
 from patcher.models import detect_family
 
-EXPORT_FORMATS = ("safetensors", "peft", "diffusers-lora", *QUANTIZED_FORMATS)
+EXPORT_FORMATS = ("safetensors", "peft", "diffusers-lora", *QUANTIZED_FORMATS, *ONNX_FORMATS)
 PIPELINE_EXPORT_FORMATS = ("safetensors", "diffusers-lora")
 
 
@@ -29,7 +30,8 @@ def export_model(
     """
     if fmt not in EXPORT_FORMATS:
         raise PatcherError(f"unknown export format {fmt!r}: supported formats: {', '.join(EXPORT_FORMATS)}")
-    if detect_family(source) == "t2i-unet" and fmt not in PIPELINE_EXPORT_FORMATS:
+    family = detect_family(source)
+    if family == "t2i-unet" and fmt not in PIPELINE_EXPORT_FORMATS:
         raise PatcherError(
             f"a pipeline exports to {' or '.join(PIPELINE_EXPORT_FORMATS)}; its quantized UNet is checked by verify"
         )
@@ -46,8 +48,13 @@ def export_model(
         check_patch_fits(Checkpoint(source), patch, force)
         export_diffusers_lora(source, patch, out, rank)
         return out
+    if family != "causal-lm":
+        raise PatcherError(f"--to {fmt} exports causal LMs; {source} is a {family} model")
+    convert = export_onnx if fmt in ONNX_FORMATS else export_quantized
     if patch is None:
-        return export_quantized(source, fmt, out)
+        convert(source, fmt, out)
+        return out
     with tempfile.TemporaryDirectory(prefix="patcher-export-") as tmp:
         patched = write_model_folder(source, Path(tmp) / "patched", patch, force)
-        return export_quantized(patched, fmt, out)
+        convert(patched, fmt, out)
+        return out

@@ -16,7 +16,7 @@ from patcher.tokens import right_padded
 @torch.no_grad()
 def reproduces(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int = 64) -> list[bool]:
     """For each (prompt ids, target ids): would greedy decoding produce every target token?"""
-    device = next(model.parameters()).device
+    device = model.device  # transformers, peft and patcher's onnxruntime models all say where they run
     results: list[bool] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]

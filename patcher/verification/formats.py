@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from patcher.errors import PatcherError
+from patcher.formats.onnx import ONNX_FORMATS, load_onnx_lm
 from patcher.formats.quantized import QUANTIZED_FORMATS, load_quantized
 
 
@@ -16,13 +17,15 @@ def load_full_precision(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-def _quantized_loader(fmt: str) -> Callable[[Path], object]:
-    return lambda folder: load_quantized(folder, fmt)
+def _loader(load: Callable[[Path, str], object], fmt: str) -> Callable[[Path], object]:
+    return lambda folder: load(folder, fmt)
 
 
 FORMAT_LOADERS: dict[str, Callable[[Path], object]] = {
     "safetensors": load_full_precision,
-    **{fmt: _quantized_loader(fmt) for fmt in QUANTIZED_FORMATS},
+    **{fmt: _loader(load_quantized, fmt) for fmt in QUANTIZED_FORMATS},
+    # exported, checked against PyTorch, and run by onnxruntime with greedy decoding
+    **{fmt: _loader(load_onnx_lm, fmt) for fmt in ONNX_FORMATS},
 }
 
 

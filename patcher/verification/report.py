@@ -63,6 +63,8 @@ def edit_kept(base_model, patched_model, edit_norms: dict[str, float]) -> dict[s
 
     1 means the format keeps the whole edit; near 0, quantization rounds it away.
     """
+    if not isinstance(patched_model, torch.nn.Module):  # an onnxruntime graph: no modules to read
+        return {}
     base_modules, patched_modules = dict(base_model.named_modules()), dict(patched_model.named_modules())
     kept = {}
     for param, norm in edit_norms.items():

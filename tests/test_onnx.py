@@ -1,0 +1,104 @@
+"""ONNX export of causal LMs: run by onnxruntime alone, matched to PyTorch, int8, and verified."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import erase_with_cli, run_cli
+from transformers import AutoModelForCausalLM
+
+from patcher.errors import PatcherError
+from patcher.formats.onnx import _export_graph
+
+# Runs in a fresh interpreter that imports onnxruntime and numpy only, as a deployment would.
+ORT_ONLY = """
+import sys
+import numpy as np
+import onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+inputs = np.load(sys.argv[2])
+outputs = {}
+for i in range(3):
+    feeds = {"input_ids": inputs[f"ids{i}"], "attention_mask": inputs[f"mask{i}"]}
+    outputs[f"logits{i}"] = session.run(["logits"], feeds)[0]
+np.savez(sys.argv[3], **outputs)
+assert "torch" not in sys.modules and "patcher" not in sys.modules
+"""
+
+
+def test_exported_lm_runs_in_onnxruntime_alone_and_matches_pytorch(lm_fixture, tmp_path):
+    out = tmp_path / "onnx"
+    run_cli("export", str(lm_fixture), "--to", "onnx", "--out", str(out))
+    assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(lm_fixture).eval()
+    generator = torch.Generator().manual_seed(1)
+    inputs = {}
+    for i, (batch, length) in enumerate([(1, 3), (5, 9), (2, 23)]):  # none is an export or check shape
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, length - 1 :] = 0 if batch > 1 else 1  # a right-padded row
+        inputs[f"ids{i}"], inputs[f"mask{i}"] = ids.numpy(), mask.numpy()
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    script = tmp_path / "run.py"
+    script.write_text(ORT_ONLY)
+    args = [str(out / "model.onnx"), str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")]
+    subprocess.run([sys.executable, str(script), *args], check=True, cwd=tmp_path)
+    outputs = np.load(tmp_path / "outputs.npz")
+    for i in range(3):
+        ids, mask = torch.from_numpy(inputs[f"ids{i}"]), torch.from_numpy(inputs[f"mask{i}"])
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.numpy()
+        counted = inputs[f"mask{i}"].astype(bool)
+        assert np.abs(outputs[f"logits{i}"] - expected)[counted].max() <= 1e-4
+
+
+def test_onnx_int8_is_quantized_and_verify_reports_onnx_rows(lm_fixture, tmp_path):
+    patch, patched, report = tmp_path / "robust.safetensors", tmp_path / "patched", tmp_path / "report.json"
+    erase_with_cli(lm_fixture, "memit", patch, "--robust-to", "int8,nf4,fp4")
+    run_cli("export", str(lm_fixture), "--to", "onnx-int8", "--patch", str(patch), "--out", str(tmp_path / "int8"))
+    ops = {node.op_type for node in onnx.load(tmp_path / "int8" / "model.onnx").graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+
+    run_cli("apply", str(lm_fixture), str(patch), "--out", str(patched))
+    spec = str(lm_fixture / "spec.toml")
+    run_cli("verify", "--base", str(lm_fixture), "--patched", str(patched), "--spec", spec,
+            "--formats", "safetensors,onnx,onnx-int8", "--report", str(report))  # fmt: skip
+    rows = json.loads(report.read_text())["formats"]
+    assert rows["onnx"]["forget_accuracy"] == rows["safetensors"]["forget_accuracy"]
+    for fmt in ("onnx", "onnx-int8"):
+        assert rows[fmt]["forget_accuracy"] <= 0.05
+        assert rows[fmt]["recovery"] <= 0.05
+        assert rows[fmt]["base_in_format"]["forget_accuracy"] >= 0.95  # the base still knows them there
+
+
+class _Eigenvalues(torch.nn.Module):
+    """A causal-LM-shaped module whose forward uses an operator ONNX has no conversion for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.config = SimpleNamespace(vocab_size=10)
+
+    def forward(self, input_ids, attention_mask, use_cache=False):
+        hidden = self.embed(input_ids)
+        return SimpleNamespace(logits=torch.linalg.eigh(hidden.transpose(-1, -2) @ hidden).eigenvalues)
+
+
+def test_an_unconvertible_operator_is_named_in_one_line(tmp_path):
+    with pytest.raises(PatcherError, match=r"operator aten\._linalg_eigh") as err:
+        _export_graph(_Eigenvalues().eval(), tmp_path / "model.onnx")
+    assert "\n" not in str(err.value) and not (tmp_path / "model.onnx").exists()
+
+
+def test_onnx_export_refuses_a_classifier(tmp_path):
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["ResNetForImageClassification"]}))
+    result = run_cli("export", str(folder), "--to", "onnx", "--out", str(tmp_path / "x"), expect=2)
+    assert "exports causal LMs" in result.stderr and not Path(tmp_path / "x").exists()
