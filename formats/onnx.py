@@ -71,7 +71,11 @@ def export_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[str, floa
     model = AutoModelForCausalLM.from_pretrained(source).eval()
     with atomic_path(out, is_dir=True) as tmp:
         graph = tmp / ONNX_FILE
-        _export_graph(model, graph)
+        ids = torch.randint(0, model.config.vocab_size, EXPORT_SHAPE)
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        axes = {0: batch, 1: sequence}
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        export_graph(_LogitsOnly(model), inputs, dict.fromkeys(inputs, axes), "logits", graph)
         difference = max_difference(model, OnnxCausalLM(graph), model.config.vocab_size)
         if difference > LM_TOLERANCE:
             raise PatcherError(
@@ -86,24 +90,25 @@ def export_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[str, floa
     return {"max_abs_difference": difference}
 
 
-def _export_graph(model: torch.nn.Module, path: Path) -> None:
-    """torch.onnx.export (dynamo) with dynamic batch and sequence; one line naming the
-    operator when the exporter cannot convert one."""
-    ids = torch.randint(0, model.config.vocab_size, EXPORT_SHAPE)
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
-    large = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+def export_graph(
+    module: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic: dict | None, output: str, path: Path
+) -> None:
+    """torch.onnx.export (dynamo) of `module(**inputs)` with the `dynamic` axes, saved to
+    `path` (external data for large weights); one line naming the operator when the
+    exporter cannot convert one."""
+    large = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     try:
-        # The exporter narrates each step and notes that the two inputs share their sequence axis.
+        # The exporter narrates each step and notes inputs that share an axis.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*axis name")
             program = torch.onnx.export(
-                _LogitsOnly(model),
-                (ids, torch.ones_like(ids)),
+                module,
+                (),
+                kwargs=inputs,
                 dynamo=True,
                 dynamic_shapes=dynamic,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
+                input_names=list(inputs),
+                output_names=[output],
             )
         program.save(str(path), external_data=large)
     except Exception as err:
@@ -112,7 +117,7 @@ def _export_graph(model: torch.nn.Module, path: Path) -> None:
 
 def _culprit(err: Exception) -> str:
     """The operator an export failure names, else the error's first line."""
-    text = str(err)
+    text = f"{err}\n{err.__cause__ or ''}"  # torch.export's own reason is the cause
     operator = re.search(r"(aten::[\w.]+|aten\.[\w.]+|torch\.ops\.[\w.]+)", text)
     if operator:
         return f"no ONNX conversion for operator {operator.group(1)}"

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ from helpers import erase_with_cli, run_cli
 from transformers import AutoModelForCausalLM
 
 from patcher.errors import PatcherError
-from patcher.formats.onnx import _export_graph
+from patcher.formats.onnx import export_graph
 
 # Runs in a fresh interpreter that imports onnxruntime and numpy only, as a deployment would.
 ORT_ONLY = """
@@ -78,21 +77,22 @@ def test_onnx_int8_is_quantized_and_verify_reports_onnx_rows(lm_fixture, tmp_pat
 
 
 class _Eigenvalues(torch.nn.Module):
-    """A causal-LM-shaped module whose forward uses an operator ONNX has no conversion for."""
+    """A token model whose forward uses an operator ONNX has no conversion for."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(10, 4)
-        self.config = SimpleNamespace(vocab_size=10)
 
-    def forward(self, input_ids, attention_mask, use_cache=False):
-        hidden = self.embed(input_ids)
-        return SimpleNamespace(logits=torch.linalg.eigh(hidden.transpose(-1, -2) @ hidden).eigenvalues)
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids) * attention_mask[..., None]
+        return torch.linalg.eigh(hidden.transpose(-1, -2) @ hidden).eigenvalues
 
 
 def test_an_unconvertible_operator_is_named_in_one_line(tmp_path):
     with pytest.raises(PatcherError, match=r"operator aten\._linalg_eigh") as err:
-        _export_graph(_Eigenvalues().eval(), tmp_path / "model.onnx")
+        ids = torch.randint(0, 10, (2, 3))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        export_graph(_Eigenvalues().eval(), inputs, None, "logits", tmp_path / "model.onnx")
     assert "\n" not in str(err.value) and not (tmp_path / "model.onnx").exists()
 
 
