@@ -83,7 +83,7 @@ def export_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[str, floa
                 f"(tolerance {LM_TOLERANCE:.0e}): not written"
             )
         if fmt == "onnx-int8":
-            _quantize_int8(graph)
+            quantize_int8(graph)
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
@@ -101,6 +101,7 @@ def export_graph(
         # The exporter narrates each step and notes inputs that share an axis.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*axis name")
+            warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)  # torch-internal
             program = torch.onnx.export(
                 module,
                 (),
@@ -141,7 +142,7 @@ def max_difference(model: torch.nn.Module, graph: OnnxCausalLM, vocab_size: int,
     return worst
 
 
-def _quantize_int8(graph: Path) -> None:
+def quantize_int8(graph: Path) -> None:
     """Replace `graph` by onnxruntime's dynamic int8 quantization of it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

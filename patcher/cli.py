@@ -244,7 +244,8 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, trust_remote_cod
     "--to",
     "fmt",
     required=True,
-    help="safetensors, peft, int8, nf4, fp4, int4, onnx or onnx-int8; pipelines: safetensors or diffusers-lora",
+    help="safetensors, peft, int8, nf4, fp4, int4, onnx, onnx-int8; "
+    "pipelines: safetensors, diffusers-lora, onnx, onnx-int8",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--patch", "patch_path", type=click.Path(path_type=Path), default=None)

@@ -10,13 +10,14 @@ from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.hf import check_patch_fits, write_model_folder
 from patcher.formats.lora import export_diffusers_lora
 from patcher.formats.onnx import ONNX_FORMATS, export_onnx
+from patcher.formats.onnx_pipeline import export_pipeline_onnx
 from patcher.formats.patch import Patch
 from patcher.formats.peft import export_peft
 from patcher.formats.quantized import QUANTIZED_FORMATS, export_quantized
 from patcher.models import detect_family
 
 EXPORT_FORMATS = ("safetensors", "peft", "diffusers-lora", *QUANTIZED_FORMATS, *ONNX_FORMATS)
-PIPELINE_EXPORT_FORMATS = ("safetensors", "diffusers-lora")
+PIPELINE_EXPORT_FORMATS = ("safetensors", "diffusers-lora", *ONNX_FORMATS)
 
 
 def export_model(
@@ -33,7 +34,8 @@ def export_model(
     family = detect_family(source)
     if family == "t2i-unet" and fmt not in PIPELINE_EXPORT_FORMATS:
         raise PatcherError(
-            f"a pipeline exports to {' or '.join(PIPELINE_EXPORT_FORMATS)}; its quantized UNet is checked by verify"
+            f"a pipeline exports to {', '.join(PIPELINE_EXPORT_FORMATS)}; "
+            "its bitsandbytes-quantized UNet is checked by verify"
         )
     if fmt == "safetensors":
         return write_model_folder(source, out, patch, force)
@@ -48,9 +50,12 @@ def export_model(
         check_patch_fits(Checkpoint(source), patch, force)
         export_diffusers_lora(source, patch, out, rank)
         return out
-    if family != "causal-lm":
-        raise PatcherError(f"--to {fmt} exports causal LMs; {source} is a {family} model")
-    convert = export_onnx if fmt in ONNX_FORMATS else export_quantized
+    if family not in ("causal-lm", "t2i-unet"):
+        kinds = "causal LMs and text-to-image pipelines" if fmt in ONNX_FORMATS else "causal LMs"
+        raise PatcherError(f"--to {fmt} exports {kinds}; {source} is a {family} model")
+    convert = export_quantized
+    if fmt in ONNX_FORMATS:
+        convert = export_pipeline_onnx if family == "t2i-unet" else export_onnx
     if patch is None:
         convert(source, fmt, out)
         return out
