@@ -129,6 +129,12 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None) -> None:
     "fisher-batch-mean: squared batch-mean gradients (what SSD's code computes), for comparison",
 )
 @click.option("--batch-size", default=32, show_default=True)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="save partial sums every N tokens; rerunning the same command after a crash resumes from them",
+)
 @click.option("--trust-remote-code", is_flag=True)
 def stats(
     model: str,
@@ -138,31 +144,21 @@ def stats(
     spec_path: Path | None,
     kind: str,
     batch_size: int,
+    checkpoint_every: int | None,
     trust_remote_code: bool,
 ) -> None:
-    """Collect statistics of each chosen layer's MLP down-projection over a corpus."""
-    from patcher.adapters import causal_lm_adapter
-    from patcher.erase import resolve_layers
-    from patcher.models import load_causal_lm, resolve_model_dir
-    from patcher.spec import load_spec
-    from patcher.stats import collect_fisher, collect_second_moments, corpus_batches, read_corpus
+    """Collect statistics of each chosen layer's MLP down-projection over a corpus.
 
-    folder = resolve_model_dir(model, trust_remote_code)
-    lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
-    adapter = causal_lm_adapter(lm)
-    facts = load_spec(spec_path).forget if spec_path is not None else None
-    chosen = resolve_layers(parse_layers(layers), adapter, tokenizer, facts)
-    lines = read_corpus(corpus)
-    total = -(-len(lines) // batch_size)
-    batches = corpus_batches(tokenizer, lines, batch_size)
-    if kind.startswith("fisher"):
-        fisher = collect_fisher(adapter, batches, chosen, total, batch_mean=kind == "fisher-batch-mean")
-        fisher.save(out)
-        click.echo(f"{kind} diagonals of layers {chosen} over {fisher.sample_count} samples -> {out}")
-        return
-    moments = collect_second_moments(adapter, batches, chosen, total)
-    moments.save(out)
-    click.echo(f"second moments of layers {chosen} over {moments.token_count} tokens -> {out}")
+    Under `torchrun --nproc_per_node N` each rank takes a slice of the corpus and rank 0
+    writes the summed statistics.
+    """
+    from patcher.stats_job import run_stats
+
+    run = run_stats(
+        model, corpus, out, parse_layers(layers), spec_path, kind, batch_size, checkpoint_every, trust_remote_code
+    )
+    if run.written:
+        click.echo(run.summary(out))
 
 
 @main.command()

@@ -23,12 +23,11 @@ from patcher import kernels
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
-from patcher.progress import progress
+from patcher.resume import Batch, BatchRun, Checkpointer
 from patcher.tokens import pad_id, right_padded
 
 SUFFIX = ".second_moment"
 FISHER_SUFFIX = ".fisher"
-Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
 
 
 @dataclass
@@ -80,12 +79,16 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def collect_second_moments(
-    adapter: CausalLMAdapter, batches: Iterable[Batch], layers: list[int], total: int | None = None
+    adapter: CausalLMAdapter,
+    batches: Iterable[Batch],
+    layers: list[int],
+    total: int | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> SecondMoments:
     """Sum k kᵀ over the non-padding tokens of `batches` at each listed layer's down-projection.
 
     The forward pass stops after the deepest listed layer, so statistics for early layers
-    cost less than a full forward pass.
+    cost less than a full forward pass. A `checkpointer` resumes from and saves partial sums.
     """
     names = [adapter.down_proj_name(layer) for layer in layers]
     device = next(adapter.model.parameters()).device
@@ -106,17 +109,16 @@ def collect_second_moments(
         adapter.down_proj(layer).register_forward_pre_hook(accumulate(name, layer == deepest))
         for layer, name in zip(layers, names, strict=True)
     ]
-    tokens = 0
+    run = BatchRun(batches, sums, checkpointer, "statistics", total)
     try:
-        for ids, mask in progress(batches, "statistics", total=total):
+        for ids, mask in run:
             state["mask"] = mask.bool().to(device)
-            tokens += int(mask.sum())
             with contextlib.suppress(_StopForward):
                 adapter.model(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
         for handle in handles:
             handle.remove()
-    return SecondMoments({n: kernels.mirror_upper(s) for n, s in sums.items()}, tokens)
+    return SecondMoments({n: kernels.mirror_upper(s) for n, s in sums.items()}, run.done.tokens)
 
 
 @dataclass
@@ -142,6 +144,7 @@ def collect_fisher(
     layers: list[int],
     total: int | None = None,
     batch_mean: bool = False,
+    checkpointer: Checkpointer | None = None,
 ) -> FisherDiagonals:
     """Σ_n (∂ℓ_n/∂W)² for each listed layer's down-projection weight W, exact per sample.
 
@@ -152,6 +155,7 @@ def collect_fisher(
 
     `batch_mean` computes what SSD's public code does instead, Σ_k B_k (∂ℓ̄_k/∂W)² with ℓ̄_k
     batch k's mean loss: equal to the per-sample sum only when a batch's gradients agree.
+    A `checkpointer` resumes from and saves partial sums.
     """
     model = adapter.model
     modules = {adapter.down_proj_name(layer): adapter.down_proj(layer) for layer in layers}
@@ -174,14 +178,14 @@ def collect_fisher(
         return hook
 
     previous = {p: p.requires_grad for p in model.parameters()}
-    samples = 0
+    run = BatchRun(batches, sums, checkpointer, "fisher", total)
     handles = [module.register_forward_hook(track(name)) for name, module in modules.items()]
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for module in modules.values():
             module.weight.requires_grad_(True)
-        for ids, mask in progress(batches, "fisher", total=total):
+        for ids, mask in run:
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             targets, counted = ids[:, 1:], mask[:, 1:].float()
@@ -189,7 +193,6 @@ def collect_fisher(
             per_sample = (nll * counted).sum(1) / counted.sum(1).clamp(min=1)
             per_sample.sum().backward()
             in_batch = int((counted.sum(1) > 0).sum())
-            samples += in_batch
             if batch_mean:
                 for name, summed in batch_sums.items():
                     sums[name] += summed.square() / max(in_batch, 1)  # B_k · (Σ g / B_k)²
@@ -201,7 +204,7 @@ def collect_fisher(
             p.requires_grad_(flag)
             p.grad = None
     kind = "fisher-batch-mean" if batch_mean else "fisher"
-    return FisherDiagonals({name: adapter.to_param_layout(s) for name, s in sums.items()}, samples, kind)
+    return FisherDiagonals({name: adapter.to_param_layout(s) for name, s in sums.items()}, run.done.samples, kind)
 
 
 def corpus_batches(tokenizer, lines: list[str], batch_size: int = 32, max_length: int = 256) -> Iterator[Batch]:

@@ -9,6 +9,7 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods.linalg import guarded_solve
 from patcher.methods.lm_edit import TargetHparams, accumulate, deltas_applied, edit_layers
 from patcher.methods.robust import Robustness, robust_edit
 
@@ -50,7 +51,7 @@ def alphaedit_update(
     projector, previous = projector.double(), previous.double()
     eye = torch.eye(keys.shape[0], dtype=torch.float64)
     system = projector @ (keys @ keys.T + previous) + l2 * eye
-    return torch.linalg.solve(system, projector @ keys @ residuals.T).T
+    return guarded_solve(system, projector @ keys @ residuals.T, "AlphaEdit's system").T
 
 
 def alphaedit_system(

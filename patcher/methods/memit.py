@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods.linalg import guarded_solve
 from patcher.methods.lm_edit import TargetHparams, edit_layers
 from patcher.methods.robust import Robustness, robust_edit
 
@@ -33,7 +34,7 @@ def memit_update(
     leaves C nearly empty.
     """
     system, rhs = memit_system(keys, residuals, cov, mom2_weight, ridge)
-    return torch.linalg.solve(system, rhs.T).T  # the system is symmetric
+    return guarded_solve(system, rhs.T, "MEMIT's system").T  # the system is symmetric
 
 
 @register("memit")

@@ -24,6 +24,7 @@ import torch
 from patcher.adapters.unet import UNetAdapter
 from patcher.errors import PatcherError
 from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods.linalg import guarded_solve
 from patcher.spec import Spec
 
 RECE_ROUNDS, RECE_REGULARIZATION = 3, 0.1
@@ -48,7 +49,7 @@ def uce_factors(
     erase, anchors, preserve = erase.double(), anchors.double(), preserve.double()
     eye = torch.eye(erase.shape[1], dtype=torch.float64)
     denominator = hp.lam * eye + hp.erase_scale * erase.T @ erase + hp.preserve_scale * preserve.T @ preserve
-    right = torch.linalg.solve(denominator, erase.T).T  # C_e D⁻¹ (the denominator is symmetric)
+    right = guarded_solve(denominator, erase.T, "UCE's system").T  # C_e D⁻¹ (the denominator is symmetric)
     return hp.erase_scale * (anchors - erase).T, right
 
 
@@ -67,7 +68,7 @@ def inverted_embeddings(
     transform, gram, concepts = transform.double(), gram.double(), concepts.double()
     eye = torch.eye(gram.shape[0], dtype=torch.float64)
     system = transform.T @ gram @ transform + regularization * eye
-    return torch.linalg.solve(system, transform.T @ gram @ concepts.T).T
+    return guarded_solve(system, transform.T @ gram @ concepts.T, "RECE's inversion").T
 
 
 def rece_factors(

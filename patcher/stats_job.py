@@ -1,0 +1,96 @@
+"""`patcher stats` as a library call: one process, or every rank of a torchrun launch.
+
+Each rank loads the model on its device, takes its contiguous slice of the corpus, collects
+its sums (resuming from its own checkpoint when asked), and the sums are added over ranks;
+rank 0 writes the file. Per-token and per-sample sums do not depend on how the corpus is
+split, so N processes give the single-process statistics up to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from patcher.adapters import causal_lm_adapter
+from patcher.distributed import World, join_world
+from patcher.erase import resolve_layers
+from patcher.errors import PatcherError
+from patcher.models import load_causal_lm, model_fingerprint, resolve_model_dir
+from patcher.resume import Checkpointer
+from patcher.spec import load_spec
+from patcher.stats import collect_fisher, collect_second_moments, corpus_batches, read_corpus, stats_cache_key
+
+KINDS = ("second-moment", "fisher", "fisher-batch-mean")
+
+
+@dataclass(frozen=True)
+class StatsRun:
+    """What a collection did: its kind, layers, tokens or samples over all ranks, where this
+    rank resumed, and whether this process wrote the file (rank 0)."""
+
+    kind: str
+    layers: list[int]
+    count: int
+    resumed_tokens: int
+    world_size: int
+    written: bool
+
+    def summary(self, out: Path) -> str:
+        unit = "tokens" if self.kind == "second-moment" else "samples"
+        what = "second moments" if self.kind == "second-moment" else f"{self.kind} diagonals"
+        ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
+        resumed = f" (resumed after {self.resumed_tokens} tokens)" if self.resumed_tokens else ""
+        return f"{what} of layers {self.layers} over {self.count} {unit}{ranks}{resumed} -> {out}"
+
+
+def partial_path(out: Path, world: World) -> Path:
+    """Where a rank checkpoints its partial sums: beside the output, one file per rank."""
+    rank = f".rank{world.rank}of{world.size}" if world.size > 1 else ""
+    return out.with_name(f"{out.name}{rank}.partial")
+
+
+def run_stats(
+    model: str,
+    corpus: Path,
+    out: Path,
+    layers: str | list[int] = "auto",
+    spec_path: Path | None = None,
+    kind: str = "second-moment",
+    batch_size: int = 32,
+    checkpoint_every: int | None = None,
+    trust_remote_code: bool = False,
+) -> StatsRun:
+    """Collect `kind` statistics of the chosen layers' down-projections over `corpus` into `out`.
+
+    `checkpoint_every` (tokens) saves this rank's partial sums atomically, so a rerun with
+    the same arguments after a crash resumes where the last save left off.
+    """
+    if kind not in KINDS:
+        raise PatcherError(f"unknown statistics kind {kind!r}: use one of {', '.join(KINDS)}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise PatcherError("--checkpoint-every is a number of tokens: give a positive number")
+    world = join_world()
+    folder = resolve_model_dir(model, trust_remote_code)
+    lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+    adapter = causal_lm_adapter(lm.to(world.device()))
+    facts = load_spec(spec_path).forget if spec_path is not None else None
+    chosen = resolve_layers(layers, adapter, tokenizer, facts)
+    lines = world.slice(read_corpus(corpus))
+    checkpointer = None
+    if checkpoint_every is not None:
+        run_key = f"{stats_cache_key(model_fingerprint(folder), lines, chosen)}/{kind}/{batch_size}/{world}"
+        checkpointer = Checkpointer(partial_path(out, world), checkpoint_every, run_key)
+    batches, total = corpus_batches(tokenizer, lines, batch_size), -(-len(lines) // batch_size)
+    if kind == "second-moment":
+        stats = collect_second_moments(adapter, batches, chosen, total, checkpointer)
+        stats.token_count = count = world.sum_(stats.sums, stats.token_count)
+    else:
+        stats = collect_fisher(adapter, batches, chosen, total, kind == "fisher-batch-mean", checkpointer)
+        stats.sample_count = count = world.sum_(stats.sums, stats.sample_count)
+    if world.is_main:
+        stats.save(out)
+    world.leave()
+    resumed = checkpointer.restored.tokens if checkpointer is not None else 0
+    if checkpointer is not None:
+        checkpointer.discard()
+    return StatsRun(kind, chosen, count, resumed, world.size, world.is_main)
