@@ -152,6 +152,7 @@ class Patch:
         path = Path(path)
         if not path.is_file():
             raise PatchError(f"patch file {path} does not exist")
+        _check_header(path)
         try:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -161,6 +162,38 @@ class Patch:
             raise PatchError(f"{path} is not a readable patch file (truncated or corrupt?): {reason}") from None
         fields = _parse_metadata(path, metadata)
         return cls(tensors=tensors, **fields)
+
+
+class _DuplicateName(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateName(key)
+        seen[key] = value
+    return seen
+
+
+def _check_header(path: Path) -> None:
+    """What safetensors itself lets through or words vaguely: a header length past the end
+    of the file, and a tensor name given twice (safetensors keeps the last silently)."""
+    unreadable = f"{path} is not a readable patch file (truncated or corrupt?)"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or length > size - 8:
+            raise PatchError(f"{unreadable}: its header claims {length} bytes, the file holds {max(size - 8, 0)}")
+        header = f.read(length)
+    try:
+        json.loads(header, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateName as duplicate:
+        raise PatchError(f"{path}: tensor {duplicate.args[0]!r} appears twice in the header") from None
+    except ValueError:  # not JSON (or not UTF-8): safe_open names the defect
+        pass
 
 
 def _parse_metadata(path: Path, metadata: dict[str, str]) -> dict:

@@ -1,11 +1,14 @@
 """MEMIT and AlphaEdit updates against independent float64 (numpy) implementations."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from patcher.errors import PatcherError
 from patcher.methods.alphaedit import alphaedit_update, nullspace_basis
+from patcher.methods.linalg import condition_number, guarded_solve
 from patcher.methods.memit import memit_update
 
 
@@ -75,3 +78,25 @@ def test_alphaedit_update_matches_numpy_and_spares_preserved_keys(seed):
     # The update lives in the null space: preserved keys' outputs do not move.
     assert np.abs(got @ preserved).max() < 1e-9
     assert np.abs(got @ projector - got).max() < 1e-9
+
+
+def test_a_well_conditioned_solve_is_plain_and_silent():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(9, 9)) + 9 * np.eye(9)
+    b = rng.normal(size=(9, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = guarded_solve(torch.from_numpy(a), torch.from_numpy(b))
+    np.testing.assert_allclose(x.numpy(), np.linalg.solve(a, b), rtol=1e-12)
+    assert condition_number(torch.from_numpy(a)) == pytest.approx(np.linalg.cond(a, 1), rel=1e-9)
+
+
+def test_a_singular_memit_system_is_regularised_with_a_warning():
+    keys, residuals, _ = random_problem(4)
+    rank_two = np.random.default_rng(5).normal(size=(13, 2))
+    cov = rank_two @ rank_two.T  # the corpus spans 2 of 13 key directions, and λ·C + K Kᵀ has rank 6
+    above_1e12 = r"MEMIT's system is ill-conditioned \(condition number [\d.]+e\+(1[2-9]|[2-9]\d)\)"
+    with pytest.warns(UserWarning, match=above_1e12):
+        delta = memit_update(torch.from_numpy(keys), torch.from_numpy(residuals), torch.from_numpy(cov), 1.0)
+    assert torch.isfinite(delta).all()
+    np.testing.assert_allclose(delta.numpy() @ keys, residuals, atol=1e-6)  # the facts are still fitted
