@@ -72,6 +72,18 @@ class Checkpoint:
         return {name: tensor_sha256(self.tensor(name)) for name in names}
 
 
+def safetensors_header(path: Path) -> tuple[bytes, int]:
+    """The raw JSON header of a safetensors file and the byte offset where its data starts;
+    ValueError when the file is too short or its header length runs past the end."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or length > size - 8:
+            raise ValueError(f"its header claims {length} bytes, the file holds {max(size - 8, 0)}")
+        return f.read(length), 8 + length
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes; independent of the dtype's numpy support."""
     flat = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)

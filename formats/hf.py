@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from patcher.formats.atomic import atomic_path
-from patcher.formats.checkpoint import Checkpoint
+from patcher.formats.checkpoint import Checkpoint, safetensors_header
 from patcher.formats.patch import Patch, PatchError
 
 PROVENANCE_FILE = "patcher.json"  # which patch made this folder, read back by verify
@@ -72,26 +71,26 @@ def _is_legacy_weights(path: Path) -> bool:
 
 
 def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str) -> None:
-    """Copy one shard, adding the patch's deltas (named `prefix + tensor name`) to its tensors."""
-    patched = set(patch.params) if patch is not None else set()
-    with safe_open(source, framework="pt") as f:
-        metadata = f.metadata() or {"format": "pt"}
-        tensors = {}
-        for name in f.keys():  # noqa: SIM118
-            tensor = f.get_tensor(name)
-            if prefix + name in patched:
-                tensor = (tensor.float() + patch.delta(prefix + name)).to(tensor.dtype)
-            tensors[name] = tensor
+    """Copy one shard byte for byte, then overwrite in place the tensors the patch changes
+    (their names are `prefix + tensor name`): a patched tensor keeps its dtype and shape,
+    so its bytes keep their place. Memory holds one patched tensor at a time; the other
+    tensors never pass through Python."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_unshare(tensors), dest, metadata=metadata)
+    shutil.copyfile(source, dest)
+    if patch is None:
+        return
+    offsets = _tensor_offsets(source)
+    patched = [name for name in offsets if prefix + name in patch.params]
+    with safe_open(source, framework="pt") as f, dest.open("r+b") as out:
+        for name in patched:
+            tensor = f.get_tensor(name)
+            updated = (tensor.float() + patch.delta(prefix + name)).to(tensor.dtype).contiguous()
+            out.seek(offsets[name])
+            out.write(memoryview(updated.reshape(-1).view(torch.uint8).numpy()))
 
 
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory; give each its own storage."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        pointer = tensor.untyped_storage().data_ptr()
-        out[name] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    return out
+def _tensor_offsets(shard: Path) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file."""
+    header, data_start = safetensors_header(shard)
+    entries = json.loads(header)
+    return {name: data_start + entry["data_offsets"][0] for name, entry in entries.items() if name != "__metadata__"}

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
-from patcher.formats.checkpoint import tensor_sha256
+from patcher.formats.checkpoint import safetensors_header, tensor_sha256
 
 SUFFIXES = (".delta", ".lora_A", ".lora_B")
 REQUIRED_METADATA = ("patcher_version", "method", "spec", "base", "created")
@@ -180,14 +180,10 @@ def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
 def _check_header(path: Path) -> None:
     """What safetensors itself lets through or words vaguely: a header length past the end
     of the file, and a tensor name given twice (safetensors keeps the last silently)."""
-    unreadable = f"{path} is not a readable patch file (truncated or corrupt?)"
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        length = int.from_bytes(prefix, "little")
-        if len(prefix) < 8 or length > size - 8:
-            raise PatchError(f"{unreadable}: its header claims {length} bytes, the file holds {max(size - 8, 0)}")
-        header = f.read(length)
+    try:
+        header, _ = safetensors_header(path)
+    except ValueError as err:
+        raise PatchError(f"{path} is not a readable patch file (truncated or corrupt?): {err}") from None
     try:
         json.loads(header, object_pairs_hook=_refuse_duplicates)
     except _DuplicateName as duplicate:
