@@ -10,7 +10,7 @@ from patcher.errors import PatcherError
 
 SUITES = {
     "kernels": ("second_moment.py", "fisher_diag.py", "attention_stats.py"),
-    "e2e": ("e2e.py", "stats.py"),
+    "e2e": ("e2e.py", "stats.py", "apply.py"),
     "quantization": ("quantization.py",),
 }
 
