@@ -93,18 +93,27 @@ def load_quantized(folder: str | Path, fmt: str):
     folder = Path(folder)
     check_quantizable(_skeleton(folder), fmt)
     if fmt == "int4":
-        from transformers import CompressedTensorsConfig
-
         with tempfile.TemporaryDirectory(prefix="patcher-int4-") as tmp:
-            exported = export_quantized(folder, fmt, Path(tmp) / "int4")
-            # Decompressed at load (a plain load decompresses on the first forward instead).
-            config = CompressedTensorsConfig(run_compressed=False)
-            with warnings.catch_warnings():  # transformers notes that the passed config overrides the saved one
-                warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-                return AutoModelForCausalLM.from_pretrained(exported, quantization_config=config).eval()
+            return load_exported(export_quantized(folder, fmt, Path(tmp) / "int4"), fmt)
     return AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=quantization_config(fmt), device_map="cpu"
     ).eval()
+
+
+def load_exported(folder: str | Path, fmt: str):
+    """A folder `export_quantized` wrote, loaded by plain `from_pretrained` (its config carries
+    the quantization); int4 is decompressed at load instead of on the first forward."""
+    from transformers import AutoModelForCausalLM
+
+    check_format(fmt)
+    if fmt != "int4":
+        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    from transformers import CompressedTensorsConfig
+
+    with warnings.catch_warnings():  # transformers notes that the passed config overrides the saved one
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        config = CompressedTensorsConfig(run_compressed=False)
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config).eval()
 
 
 def export_quantized(source: str | Path, fmt: str, out: str | Path) -> Path:

@@ -296,6 +296,28 @@ def verify(
 
 
 @main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="release folder (reruns resume in it)")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--trust-remote-code", is_flag=True)
+def release(spec_path: Path, out: Path, as_json: bool, trust_remote_code: bool) -> None:
+    """Erase, export every format, verify each, and write the model card and reports into OUT.
+
+    Exit 0 when every gate passes, 1 when one fails (the table names it), 2 on bad input.
+    """
+    from patcher.release import prepare, run_release
+    from patcher.verification.report import failures_by_format, report_table
+
+    done = run_release(prepare(spec_path, out, trust_remote_code))
+    failing = failures_by_format(done.report)
+    verdict = "release passed" if not failing else "release FAILED in " + ", ".join(failing)
+    skipped = f" (skipped, already done: {', '.join(done.skipped)})" if done.skipped else ""
+    human = f"{report_table(done.report)}\n{verdict}: {out}/README.md, report.json, report.html{skipped}"
+    emit(done.summary(), as_json, human)
+    sys.exit(0 if done.report["passed"] else 1)
+
+
+@main.command()
 @click.argument("suite", type=click.Choice(["kernels", "e2e", "quantization"]))
 @click.option("--quick", is_flag=True, help="tiny shapes: checks that the benchmarks run, measures nothing")
 def bench(suite: str, quick: bool) -> None:

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from patcher.errors import PatcherError
-from patcher.formats.onnx import ONNX_FORMATS, load_onnx_lm
-from patcher.formats.quantized import QUANTIZED_FORMATS, load_quantized
+from patcher.formats.onnx import ONNX_FILE, ONNX_FORMATS, OnnxCausalLM, load_onnx_lm
+from patcher.formats.quantized import QUANTIZED_FORMATS, load_exported, load_quantized
 
 
 def load_full_precision(folder: Path):
@@ -40,3 +40,14 @@ def load_format(name: str, folder: Path):
     `from_pretrained` with that format's quantization config does)."""
     check_formats([name])
     return FORMAT_LOADERS[name](folder)
+
+
+def load_artifact(name: str, folder: Path):
+    """An exported artifact (`patcher export --to NAME`) loaded by its own consumer:
+    transformers for safetensors and the quantized folders, onnxruntime for ONNX."""
+    check_formats([name])
+    if name == "safetensors":
+        return load_full_precision(folder)
+    if name in ONNX_FORMATS:
+        return OnnxCausalLM(folder / ONNX_FILE)
+    return load_exported(folder, name)

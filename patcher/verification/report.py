@@ -15,7 +15,7 @@ from patcher.formats.quantized import dequantized_weight
 from patcher.models import detect_family
 from patcher.spec import Gates, Spec
 from patcher.verification.facts import accuracy
-from patcher.verification.formats import check_formats, load_format, load_full_precision
+from patcher.verification.formats import check_formats, load_artifact, load_format, load_full_precision
 
 
 def fact_metrics(model, tokenizer, spec: Spec) -> dict[str, float]:
@@ -81,8 +81,14 @@ def _is_matmul(module) -> bool:
     return weight is not None and weight.ndim == 2 and not isinstance(module, torch.nn.Embedding)
 
 
-def verify(base: Path, patched: Path, spec: Spec, formats: list[str] | None = None) -> dict:
-    """Evaluate base and patched model in every format; the report of DESIGN.md section 4."""
+def verify(
+    base: Path, patched: Path, spec: Spec, formats: list[str] | None = None, artifacts: dict[str, Path] | None = None
+) -> dict:
+    """Evaluate base and patched model in every format; the report of DESIGN.md section 4.
+
+    A causal LM's format with an exported folder in `artifacts` is graded on that artifact
+    as its consumer loads it; the others are quantized or exported from `patched` on load.
+    """
     formats = formats or spec.formats
     family = detect_family(base) if spec.family == "auto" else spec.family
     if family == "t2i-unet":
@@ -111,7 +117,11 @@ def verify(base: Path, patched: Path, spec: Spec, formats: list[str] | None = No
         if name == "safetensors":
             row, base_in_format, quantized_base, quantized_patched = dict(reference), base_row, full_base, full_patched
         else:
-            quantized_base, quantized_patched = load_format(name, base), load_format(name, patched)
+            quantized_base = load_format(name, base)
+            if artifacts and name in artifacts:
+                quantized_patched = load_artifact(name, artifacts[name])
+            else:
+                quantized_patched = load_format(name, patched)
             base_in_format = fact_metrics(quantized_base, tokenizer_of(base), spec)
             row = fact_metrics(quantized_patched, tokenizer_of(patched), spec)
         row["edit_kept"] = edit_kept(quantized_base, quantized_patched, edit_norms)
@@ -147,6 +157,12 @@ def assemble_report(
     if attacks is not None:
         report["attacks"] = attacks
     return report
+
+
+def failures_by_format(report: dict) -> dict[str, list[str]]:
+    """Each failing format (or attack) of a report, with its reasons."""
+    rows = {**report["formats"], **report.get("attacks", {})}
+    return {name: row["failures"] for name, row in rows.items() if not row["passed"]}
 
 
 def tokenizer_of(folder: Path):

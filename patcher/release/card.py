@@ -1,0 +1,133 @@
+"""The release's model card (README.md): base and fingerprint, what was erased, method and
+hyperparameters, the verification matrix with recovery per format, the attacks tried, and
+how to load each artifact with its own library."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from patcher.verification.report import failures_by_format
+
+if TYPE_CHECKING:
+    from patcher.release.run import Release
+
+# How a user loads each artifact; {path} is the artifact folder, {base} the base model.
+LOADERS = {
+    "causal-lm": {
+        "safetensors": 'AutoModelForCausalLM.from_pretrained("{path}")',
+        "int8": 'AutoModelForCausalLM.from_pretrained("{path}", device_map="cpu")  # bitsandbytes LLM.int8',
+        "nf4": 'AutoModelForCausalLM.from_pretrained("{path}", device_map="cpu")  # bitsandbytes nf4',
+        "fp4": 'AutoModelForCausalLM.from_pretrained("{path}", device_map="cpu")  # bitsandbytes fp4',
+        "int4": 'AutoModelForCausalLM.from_pretrained("{path}")  # compressed-tensors W4A16; vLLM serves it',
+        "onnx": 'onnxruntime.InferenceSession("{path}/model.onnx")  # input_ids, attention_mask -> logits',
+        "onnx-int8": 'onnxruntime.InferenceSession("{path}/model.onnx")  # ORT dynamic int8',
+        "peft": 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{path}")',
+    },
+    "t2i-unet": {
+        "safetensors": 'DiffusionPipeline.from_pretrained("{path}")',
+        "diffusers-lora": 'DiffusionPipeline.from_pretrained("{base}").load_lora_weights("{path}")',
+        "onnx": 'onnxruntime.InferenceSession("{path}/unet/model.onnx")  # also text_encoder/, vae_decoder/',
+        "onnx-int8": 'onnxruntime.InferenceSession("{path}/unet/model.onnx")  # int8 text encoder and UNet',
+    },
+    "classifier": {"safetensors": 'AutoModelForImageClassification.from_pretrained("{path}")'},
+}
+
+
+def erased_items(release: Release) -> list[str]:
+    """One line per erased fact, concept or class."""
+    spec = release.spec
+    if release.family == "t2i-unet":
+        return [f"concept `{c['erase']}` → anchor `{c.get('anchor', '')}`" for c in spec.concepts]
+    if release.family == "classifier":
+        return [f"class {label}" for label in spec.forget_classes]
+    return [f"`{f.prompt}` → `{f.target}` ({len(f.paraphrases)} paraphrases checked)" for f in spec.forget]
+
+
+def matrix(report: dict) -> list[str]:
+    """The verification matrix as a Markdown table, the base first."""
+    lines = ["| format | forget | paraphrase | retain | retain ratio | recovery | gates |", "|---" * 7 + "|"]
+
+    def cell(value) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    base = report["base"]
+    lines.append(f"| base | {cell(base['forget_accuracy'])} | {cell(base['paraphrase_accuracy'])} | "
+                 f"{cell(base['retain_accuracy'])} | – | – | – |")  # fmt: skip
+    for name, row in report["formats"].items():
+        verdict = "pass" if row["passed"] else "**FAIL**: " + "; ".join(row["failures"])
+        lines.append(
+            f"| {name} | {cell(row['forget_accuracy'])} | {cell(row['paraphrase_accuracy'])} | "
+            f"{cell(row['retain_accuracy'])} | {cell(row['retain_ratio'])} | {cell(row['recovery'])} | {verdict} |"
+        )
+    return lines
+
+
+def attacks(release: Release) -> list[str]:
+    """What was tried to bring the erased knowledge back, and what came back."""
+    report = release.report
+    quantized = [f for f in report["formats"] if f != "safetensors"]
+    lines = [
+        f"- Quantization and re-export, a known way to undo an erasure: {', '.join(quantized) or 'none'}. "
+        "`recovery` is the share of the erased knowledge that comes back in each (0: none, 1: all)."
+    ]
+    if release.family == "causal-lm":
+        lines.append("- Paraphrases of every forgotten prompt (the `paraphrase` column).")
+    if release.family == "t2i-unet":
+        lines.append("- Verify prompts the edit never saw (the `paraphrase` column).")
+    for name, attack in report.get("attacks", {}).items():
+        verdict = "pass" if attack["passed"] else "**FAIL**: " + "; ".join(attack["failures"])
+        shown = attack["forget_accuracy"]
+        lines.append(f"- `{name}` attack (RECE's closed-form inverted embedding against the patched UNet): "
+                     f"the concept still shown in {shown:.3f} of the images, {verdict}.")  # fmt: skip
+    if release.robust_to:
+        lines.append(f"- The edit was solved to hold under {', '.join(release.robust_to)} (`--robust-to`).")
+    return lines
+
+
+def model_card(release: Release) -> str:
+    """The README.md of the release folder."""
+    spec, report = release.spec, release.report
+    verdict = "passed every gate" if report["passed"] else "FAILED: " + ", ".join(failures_by_format(report))
+    hparams = ", ".join(f"`{k} = {v}`" for k, v in sorted(spec.hparams.items())) or "the method's defaults"
+    loaders = LOADERS[release.family]
+    loading = [
+        f"- `{fmt}`: `{loaders[fmt].format(path=path.relative_to(release.out), base=release.base)}`"
+        for fmt, path in release.artifacts.items()
+    ]
+    lines = [
+        f"# {release.base.name}, patched: {len(erased_items(release))} item(s) erased with {spec.method}",
+        "",
+        f"Release verdict: **{verdict}**. Machine-readable: `report.json`; with plots: `report.html`.",
+        "",
+        "## Base model",
+        "",
+        f"- `{release.base}` ({release.family})",
+        f"- fingerprint (sha256 over every weight tensor): `{report.get('base_fingerprint', 'not recorded')}`",
+        "",
+        "## What was erased",
+        "",
+        *(f"- {item}" for item in erased_items(release)),
+        "",
+        "## Method",
+        "",
+        f"- `{spec.method}` with {hparams}; layers `{spec.layers}`.",
+        f"- Patch: `{release.patch_path.name}` (weight deltas with the base tensors' fingerprints).",
+        "",
+        "## Verification",
+        "",
+        f"Gates: {', '.join(f'{k} {v}' for k, v in report['gates'].items())}.",
+        "",
+        *matrix(report),
+        "",
+        "## Attacks tried",
+        "",
+        *attacks(release),
+        "",
+        "## Loading the artifacts",
+        "",
+        "From this folder, each with its own library (no patcher needed):",
+        "",
+        *loading,
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""The release's report.html: one self-contained page (plots embedded as PNG) with the verdict,
+the verification matrix, accuracy and recovery per format, and for text-to-image a grid of
+images before and after the patch, per concept."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+from typing import TYPE_CHECKING
+
+from patcher.release.card import erased_items
+from patcher.verification.report import failures_by_format
+
+if TYPE_CHECKING:
+    from patcher.release.run import Release
+
+GRID_SEEDS = 4
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}.pass{color:#176f2c}.fail{color:#b3261e;font-weight:bold}
+.verdict{padding:.6em 1em;border-radius:6px}.verdict.pass{background:#e6f4ea}.verdict.fail{background:#fce8e6}
+img{max-width:100%}"""
+# Marks the page once every plot has decoded, so a headless browser can check it rendered.
+IMAGES_LOADED = """<script>window.addEventListener("load", () => {
+  document.body.dataset.imagesOk = [...document.images].every(i => i.complete && i.naturalWidth > 0);
+});</script>"""
+
+
+def _png(figure) -> str:
+    """A matplotlib figure as an <img> with the PNG inlined."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img alt="plot" src="data:image/png;base64,{encoded}">'
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_plot(report: dict) -> str:
+    """Forget, paraphrase and retain accuracy per format, the base's as dashed lines."""
+    plt = _pyplot()
+    formats = list(report["formats"])
+    metrics = ("forget_accuracy", "paraphrase_accuracy", "retain_accuracy")
+    figure, axis = plt.subplots(figsize=(max(5, 1.3 * len(formats)), 3.2))
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        values = [report["formats"][f][metric] or 0.0 for f in formats]
+        bars = axis.bar([x + i * width for x in range(len(formats))], values, width, label=metric.split("_")[0])
+        if report["base"][metric] is not None:
+            axis.axhline(report["base"][metric], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+    axis.set_xticks([x + width for x in range(len(formats))], formats)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("accuracy (dashed: base)")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axis.set_title("Forget and retain accuracy per format")
+    return _png(figure)
+
+
+def recovery_plot(report: dict) -> str:
+    """Recovery per format against the spec's gate."""
+    plt = _pyplot()
+    formats = list(report["formats"])
+    values = [report["formats"][f]["recovery"] for f in formats]
+    figure, axis = plt.subplots(figsize=(max(5, 1.1 * len(formats)), 2.8))
+    colours = ["#b3261e" if not report["formats"][f]["passed"] else "#176f2c" for f in formats]
+    bars = axis.bar(formats, values, color=colours)
+    axis.bar_label(bars, fmt="%.3f", fontsize=8)  # a zero recovery would otherwise show nothing
+    gate = report["gates"].get("max_recovery")
+    if gate is not None:
+        axis.axhline(gate, color="black", linestyle=":", linewidth=1, label=f"gate {gate}")
+        axis.legend(fontsize=8)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("recovery")
+    axis.set_title("Share of the erased knowledge that comes back, per format")
+    return _png(figure)
+
+
+def image_grid(release: Release) -> str:
+    """Images of each erased and preserved concept (the first verify prompt, fixed seeds), before and after."""
+    from patcher.models import load_pipeline
+    from patcher.verification.images import generate_images, prompts_for
+
+    plt = _pyplot()
+    spec = release.spec
+    checks = dataclasses.replace(spec.images, images_per_prompt=GRID_SEEDS)
+    pipes = {"base": load_pipeline(release.base), "patched": load_pipeline(release.artifacts["safetensors"])}
+    concepts = [(c["erase"], "erased") for c in spec.concepts] + [(p["concept"], "kept") for p in spec.preserve]
+    figure, axes = plt.subplots(2 * len(concepts), GRID_SEEDS, figsize=(1.4 * GRID_SEEDS, 1.5 * 2 * len(concepts)))
+    rows = [(concept, role, label, pipe) for concept, role in concepts for label, pipe in pipes.items()]
+    for row, (concept, role, label, pipe) in enumerate(rows):
+        images = generate_images(pipe, prompts_for(concept, spec.images.prompts[:1]), checks)
+        for column, image in enumerate(images):
+            axis = axes[row, column]
+            pixels = ((image.permute(1, 2, 0) + 1) / 2).clamp(0, 1).float().numpy()
+            axis.imshow(pixels, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[row, 0].set_ylabel(f"{concept} ({role})\n{label}", fontsize=7)
+    figure.suptitle(f"'{spec.images.prompts[0]}', seeds 0-{GRID_SEEDS - 1}: base and patched", fontsize=9)
+    return _png(figure)
+
+
+def _matrix_table(report: dict) -> str:
+    head = "<tr><th>format</th><th>forget</th><th>paraphrase</th><th>retain</th><th>retain ratio</th>" \
+           "<th>recovery</th><th>gates</th></tr>"  # fmt: skip
+
+    def cell(value) -> str:
+        return "<td>–</td>" if value is None else f"<td>{value:.3f}</td>"
+
+    base = report["base"]
+    rows = [f"<tr><td>base</td>{cell(base['forget_accuracy'])}{cell(base['paraphrase_accuracy'])}"
+            f"{cell(base['retain_accuracy'])}<td>–</td><td>–</td><td>–</td></tr>"]  # fmt: skip
+    for name, row in report["formats"].items():
+        verdict = '<span class="pass">pass</span>' if row["passed"] else (
+            '<span class="fail">FAIL: ' + html.escape("; ".join(row["failures"])) + "</span>")  # fmt: skip
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td>{cell(row['forget_accuracy'])}{cell(row['paraphrase_accuracy'])}"
+            f"{cell(row['retain_accuracy'])}{cell(row['retain_ratio'])}{cell(row['recovery'])}"
+            f'<td style="text-align:left">{verdict}</td></tr>'
+        )
+    for name, attack in report.get("attacks", {}).items():
+        verdict = "pass" if attack["passed"] else "FAIL: " + "; ".join(attack["failures"])
+        rows.append(f"<tr><td>attack: {html.escape(name)}</td>{cell(attack['forget_accuracy'])}"
+                    f'<td colspan="5" style="text-align:left">{html.escape(verdict)}</td></tr>')  # fmt: skip
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def report_html(release: Release) -> str:
+    """The whole page."""
+    report, spec = release.report, release.spec
+    passed = report["passed"]
+    verdict = "passed every gate" if passed else "FAILED: " + ", ".join(failures_by_format(report))
+    items = "".join(f"<li>{html.escape(item.replace('`', ''))}</li>" for item in erased_items(release))
+    sections = [
+        f"<h1>patcher release: {html.escape(release.base.name)}</h1>",
+        f'<p class="verdict {"pass" if passed else "fail"}">{html.escape(verdict)}</p>',
+        f"<p>Base <code>{html.escape(str(release.base))}</code>, fingerprint "
+        f"<code>{html.escape(report.get('base_fingerprint', 'not recorded'))}</code>; method "
+        f"<code>{html.escape(spec.method)}</code>.</p>",
+        f"<h2>Erased</h2><ul>{items}</ul>",
+        f"<h2>Verification</h2>{_matrix_table(report)}",
+        f"<h2>Accuracy per format</h2>{accuracy_plot(report)}",
+        f"<h2>Recovery per format</h2>{recovery_plot(report)}",
+    ]
+    if release.family == "t2i-unet":
+        sections.append(f"<h2>Images before and after</h2>{image_grid(release)}")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>patcher release report</title>'
+        f"<style>{STYLE}</style>{IMAGES_LOADED}</head><body>{''.join(sections)}</body></html>\n"
+    )

@@ -1,0 +1,199 @@
+"""`patcher release` as a library call: spec -> patch -> every artifact -> verified -> card and report.
+
+Stages, each skipped on a rerun when its outputs exist and were made from the same inputs:
+1. erase with the spec's method, made robust to the spec's quantized formats when the
+   method supports it (memit, alphaedit);
+2. export every format of `[verify].formats` and `[export].formats` that the model family
+   ships as a file (a pipeline's bitsandbytes UNet is quantized at load instead);
+3. verify: each artifact loaded by its own consumer (transformers, bitsandbytes,
+   compressed-tensors, onnxruntime, peft), against the base in the same format;
+4. write report.json, the model card (README.md) and report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from patcher import __version__
+from patcher.erase import ROBUST_METHODS, erase, model_dir_for
+from patcher.errors import PatcherError
+from patcher.export import EXPORT_FORMATS, PIPELINE_EXPORT_FORMATS, export_model
+from patcher.formats.atomic import atomic_path
+from patcher.formats.onnx import ONNX_FORMATS
+from patcher.formats.patch import Patch
+from patcher.formats.quantized import QUANTIZED_FORMATS
+from patcher.models import detect_family, model_fingerprint
+from patcher.progress import progress
+from patcher.release.card import model_card
+from patcher.release.html import report_html
+from patcher.release.stages import StageLog, digest
+from patcher.spec import Spec, load_spec
+from patcher.verification.report import failures_by_format, graded_row, verify, write_report
+
+PATCH_FILE = "patch.safetensors"
+ARTIFACTS = "artifacts"
+EXPORTABLE = {
+    "causal-lm": tuple(f for f in EXPORT_FORMATS if f != "diffusers-lora"),
+    "t2i-unet": PIPELINE_EXPORT_FORMATS,
+    "classifier": ("safetensors",),
+}
+
+
+@dataclass
+class Release:
+    """What one release run knows: its inputs, and what each stage produced."""
+
+    spec: Spec
+    spec_path: Path
+    base: Path
+    family: str
+    out: Path
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    @property
+    def patch_path(self) -> Path:
+        return self.out / PATCH_FILE
+
+    @property
+    def robust_to(self) -> tuple[str, ...]:
+        """The quantized formats the edit is made to survive (methods that can: memit, alphaedit)."""
+        if self.family != "causal-lm" or self.spec.method not in ROBUST_METHODS:
+            return ()
+        return tuple(f for f in self.spec.formats if f in QUANTIZED_FORMATS)
+
+    def summary(self) -> dict:
+        """The `--json` output: verdict, per-format results, artifacts and skipped stages."""
+        keys = ("forget_accuracy", "paraphrase_accuracy", "retain_accuracy", "recovery", "passed", "failures")
+        rows = {fmt: {k: row.get(k) for k in keys} for fmt, row in self.report["formats"].items()}
+        return {
+            "passed": self.report["passed"],
+            "out": str(self.out),
+            "model": str(self.base),
+            "method": self.spec.method,
+            "failing": failures_by_format(self.report),
+            "formats": rows,
+            "attacks": self.report.get("attacks", {}),
+            "artifacts": {fmt: str(path) for fmt, path in self.artifacts.items()},
+            "skipped_stages": self.skipped,
+        }
+
+
+def artifact_formats(family: str, spec: Spec) -> list[str]:
+    """The formats this release writes as files, in spec order, safetensors first."""
+    unknown = [f for f in spec.export_formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise PatcherError(f"[export] formats: unknown format {unknown[0]!r}; use {', '.join(EXPORT_FORMATS)}")
+    wanted = dict.fromkeys(["safetensors", *spec.formats, *spec.export_formats])
+    return [f for f in wanted if f in EXPORTABLE[family]]
+
+
+def prepare(spec_path: Path, out: Path, trust_remote_code: bool = False) -> Release:
+    """Read the spec and find the base model; every input error surfaces here, before any work."""
+    spec = load_spec(spec_path)
+    base = model_dir_for(spec, None, trust_remote_code)
+    family = detect_family(base) if spec.family == "auto" else spec.family
+    release = Release(spec, Path(spec_path), base, family, Path(out))
+    artifact_formats(family, spec)
+    return release
+
+
+def run_release(release: Release) -> Release:
+    """Run every stage not already done; the report is in `release.report`."""
+    release.out.mkdir(parents=True, exist_ok=True)
+    log = StageLog(release.out)
+    formats = artifact_formats(release.family, release.spec)
+    stages = [("erase", _erase), *((f"export {fmt}", _exporter(fmt)) for fmt in formats), ("verify", _verify)]
+    for name, stage in progress(stages, "release"):
+        start = time.perf_counter()
+        stage(release, log)
+        release.timings[name] = round(time.perf_counter() - start, 3)
+    _write_documents(release)
+    return release
+
+
+def _erase(release: Release, log: StageLog) -> None:
+    inputs = digest(release.spec.to_json(), ",".join(release.robust_to), __version__)
+    if log.is_done("erase", inputs, [release.patch_path]) and _patch_fits(release):
+        release.skipped.append("erase")
+        return
+    patch = erase(release.spec, release.base, robust_to=release.robust_to)
+    patch.save(release.patch_path)
+    log.record("erase", inputs)
+
+
+def _patch_fits(release: Release) -> bool:
+    """The saved patch still matches the base (its fingerprints) and the spec."""
+    from patcher.formats.checkpoint import Checkpoint
+    from patcher.formats.hf import check_patch_fits
+
+    patch = Patch.load(release.patch_path)
+    try:
+        check_patch_fits(Checkpoint(release.base), patch)
+    except PatcherError:
+        return False
+    return patch.spec == release.spec.raw
+
+
+def _exporter(fmt: str):
+    def stage(release: Release, log: StageLog) -> None:
+        target = release.out / ARTIFACTS / fmt
+        release.artifacts[fmt] = target
+        inputs = digest(release.patch_path, fmt)
+        if log.is_done(f"export {fmt}", inputs, [target]):
+            release.skipped.append(f"export {fmt}")
+            return
+        export_model(release.base, fmt, target, Patch.load(release.patch_path))
+        log.record(f"export {fmt}", inputs)
+
+    return stage
+
+
+def _verified_formats(release: Release) -> list[str]:
+    """The spec's formats, plus the ONNX graphs a causal LM release exported (graded like any format)."""
+    extra = [f for f in release.artifacts if release.family == "causal-lm" and f in ONNX_FORMATS]
+    return list(dict.fromkeys([*release.spec.formats, *extra]))
+
+
+def _verify(release: Release, log: StageLog) -> None:
+    report_path = release.out / "report.json"
+    formats = _verified_formats(release)
+    inputs = digest(release.patch_path, release.spec.to_json(), ",".join(formats), ",".join(release.artifacts))
+    if log.is_done("verify", inputs, [report_path]):
+        release.skipped.append("verify")
+        release.report = json.loads(report_path.read_text())
+        return
+    shipped = release.artifacts["safetensors"]
+    artifacts = release.artifacts if release.family == "causal-lm" else None
+    report = verify(release.base, shipped, release.spec, formats, artifacts)
+    if "peft" in release.artifacts:
+        _add_peft_row(release, report)
+    report["base_fingerprint"] = model_fingerprint(release.base)
+    report["artifacts"] = {fmt: str(path.relative_to(release.out)) for fmt, path in release.artifacts.items()}
+    write_report(report, report_path)
+    release.report = report
+    log.record("verify", inputs)
+
+
+def _add_peft_row(release: Release, report: dict) -> None:
+    """The PEFT adapter graded like a format: the base with the adapter loaded by peft."""
+    from patcher.verification.adapters import peft_adapter_metrics
+
+    row = peft_adapter_metrics(release.base, release.artifacts["peft"], release.spec)
+    reference = report["formats"]["safetensors"]
+    report["formats"]["peft"] = graded_row(row, report["base"], reference, report["base"], release.spec.gates)
+    report["passed"] = report["passed"] and report["formats"]["peft"]["passed"]
+
+
+def _write_documents(release: Release) -> None:
+    """report.json's timings, the model card and the HTML report; always rewritten (cheap)."""
+    release.report.setdefault("timings", {}).update({f"release {k}": v for k, v in release.timings.items()})
+    write_report(release.report, release.out / "report.json")
+    for name, text in (("README.md", model_card(release)), ("report.html", report_html(release))):
+        with atomic_path(release.out / name) as tmp:
+            tmp.write_text(text)
