@@ -75,7 +75,7 @@ def export_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[str, floa
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
         axes = {0: batch, 1: sequence}
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        export_graph(_LogitsOnly(model), inputs, dict.fromkeys(inputs, axes), "logits", graph)
+        export_graph(_LogitsOnly(model).eval(), inputs, dict.fromkeys(inputs, axes), "logits", graph)
         difference = max_difference(model, OnnxCausalLM(graph), model.config.vocab_size)
         if difference > LM_TOLERANCE:
             raise PatcherError(
@@ -97,6 +97,8 @@ def export_graph(
     `path` (external data for large weights); one line naming the operator when the
     exporter cannot convert one."""
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    # The exporter logs each optional operator library it does not find (torchvision, ...).
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         # The exporter narrates each step and notes inputs that share an axis.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():

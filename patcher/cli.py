@@ -64,6 +64,9 @@ def main() -> None:
     if not sys.stdout.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (compressed-tensors)
     warnings.showwarning = _one_line_warning
+    # Libraries' deprecation notices about their own internals are not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 @main.command()

@@ -19,7 +19,7 @@ from patcher.spec import dump_spec
 def lm_release(lm_fixture, tmp_path_factory):
     """The LM fixture's spec with peft and onnx as [export] extras, released once."""
     spec = tomllib.loads((lm_fixture / "spec.toml").read_text())
-    spec["export"] = {"formats": ["peft", "onnx"]}
+    spec["export"] = {"formats": ["int4", "peft", "onnx"]}
     (lm_fixture / "release.toml").write_text(dump_spec(spec))
     out = tmp_path_factory.mktemp("release") / "out"
     result = run_cli("release", str(lm_fixture / "release.toml"), "--out", str(out), "--json", expect=None)
@@ -34,7 +34,7 @@ def test_lm_release_exports_verifies_and_documents_every_format(lm_fixture, lm_r
     report = json.loads((out / "report.json").read_text())
     assert summary["passed"] and report["passed"] and not summary["failing"]
     verified = set(report["formats"])
-    assert {"safetensors", "int8", "nf4", "fp4", "onnx", "peft"} <= verified  # at least four formats, all passed
+    assert {"safetensors", "int8", "nf4", "fp4", "int4", "onnx", "peft"} <= verified  # every artifact, all passed
     assert all(row["passed"] and row["recovery"] <= 0.05 for row in report["formats"].values())
     for fmt in ("safetensors", "int8", "nf4", "fp4", "onnx", "peft"):
         assert (out / "artifacts" / fmt).is_dir()

@@ -22,7 +22,6 @@ from patcher.erase import ROBUST_METHODS, erase, model_dir_for
 from patcher.errors import PatcherError
 from patcher.export import EXPORT_FORMATS, PIPELINE_EXPORT_FORMATS, export_model
 from patcher.formats.atomic import atomic_path
-from patcher.formats.onnx import ONNX_FORMATS
 from patcher.formats.patch import Patch
 from patcher.formats.quantized import QUANTIZED_FORMATS
 from patcher.models import detect_family, model_fingerprint
@@ -31,6 +30,7 @@ from patcher.release.card import model_card
 from patcher.release.html import report_html
 from patcher.release.stages import StageLog, digest
 from patcher.spec import Spec, load_spec
+from patcher.verification.formats import FORMAT_LOADERS
 from patcher.verification.report import failures_by_format, graded_row, verify, write_report
 
 PATCH_FILE = "patch.safetensors"
@@ -155,9 +155,12 @@ def _exporter(fmt: str):
 
 
 def _verified_formats(release: Release) -> list[str]:
-    """The spec's formats, plus the ONNX graphs a causal LM release exported (graded like any format)."""
-    extra = [f for f in release.artifacts if release.family == "causal-lm" and f in ONNX_FORMATS]
-    return list(dict.fromkeys([*release.spec.formats, *extra]))
+    """The spec's formats, plus every other artifact of a causal LM that verify can grade
+    (int4, ONNX: `[export]` extras); the PEFT adapter gets its own row."""
+    if release.family != "causal-lm":
+        return release.spec.formats
+    gradable = [f for f in release.artifacts if f in FORMAT_LOADERS]
+    return list(dict.fromkeys([*release.spec.formats, *gradable]))
 
 
 def _verify(release: Release, log: StageLog) -> None:
