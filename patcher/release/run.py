@@ -22,6 +22,8 @@ from patcher.erase import ROBUST_METHODS, erase, model_dir_for
 from patcher.errors import PatcherError
 from patcher.export import EXPORT_FORMATS, PIPELINE_EXPORT_FORMATS, export_model
 from patcher.formats.atomic import atomic_path
+from patcher.formats.checkpoint import Checkpoint
+from patcher.formats.hf import check_patch_fits
 from patcher.formats.patch import Patch
 from patcher.formats.quantized import QUANTIZED_FORMATS
 from patcher.models import detect_family, model_fingerprint
@@ -30,11 +32,14 @@ from patcher.release.card import model_card
 from patcher.release.html import report_html
 from patcher.release.stages import StageLog, digest
 from patcher.spec import Spec, load_spec
+from patcher.verification.classifier import CLASSIFIER_FORMATS
 from patcher.verification.formats import FORMAT_LOADERS
+from patcher.verification.pipelines import PIPELINE_FORMATS
 from patcher.verification.report import failures_by_format, graded_row, verify, write_report
 
 PATCH_FILE = "patch.safetensors"
 ARTIFACTS = "artifacts"
+VERIFIABLE = {"causal-lm": tuple(FORMAT_LOADERS), "t2i-unet": PIPELINE_FORMATS, "classifier": CLASSIFIER_FORMATS}
 EXPORTABLE = {
     "causal-lm": tuple(f for f in EXPORT_FORMATS if f != "diffusers-lora"),
     "t2i-unet": PIPELINE_EXPORT_FORMATS,
@@ -47,7 +52,6 @@ class Release:
     """What one release run knows: its inputs, and what each stage produced."""
 
     spec: Spec
-    spec_path: Path
     base: Path
     family: str
     out: Path
@@ -98,9 +102,12 @@ def prepare(spec_path: Path, out: Path, trust_remote_code: bool = False) -> Rele
     spec = load_spec(spec_path)
     base = model_dir_for(spec, None, trust_remote_code)
     family = detect_family(base) if spec.family == "auto" else spec.family
-    release = Release(spec, Path(spec_path), base, family, Path(out))
+    unknown = [f for f in spec.formats if f not in VERIFIABLE[family]]
+    if unknown:
+        raise PatcherError(f"[verify] formats: {unknown[0]!r} cannot be verified for a {family} model; "
+                           f"use {', '.join(VERIFIABLE[family])}")  # fmt: skip
     artifact_formats(family, spec)
-    return release
+    return Release(spec, base, family, Path(out))
 
 
 def run_release(release: Release) -> Release:
@@ -129,9 +136,6 @@ def _erase(release: Release, log: StageLog) -> None:
 
 def _patch_fits(release: Release) -> bool:
     """The saved patch still matches the base (its fingerprints) and the spec."""
-    from patcher.formats.checkpoint import Checkpoint
-    from patcher.formats.hf import check_patch_fits
-
     patch = Patch.load(release.patch_path)
     try:
         check_patch_fits(Checkpoint(release.base), patch)
