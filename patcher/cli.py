@@ -113,7 +113,12 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="text file, one sample a line")
+@click.option(
+    "--corpus",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="text file, one sample a line (an image classifier: its image set, .safetensors)",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--layers", default="auto", show_default=True, help=LAYERS_HELP)
 @click.option(

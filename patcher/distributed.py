@@ -7,6 +7,7 @@ Without torchrun (no WORLD_SIZE, or 1) the world is this one process and nothing
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,8 +35,9 @@ class World:
             return torch.device("cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
-    def slice(self, items: list[T]) -> list[T]:
-        """This rank's contiguous share of `items`; the shares are disjoint and cover them all."""
+    def slice(self, items: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous share of `items` (a list, a tensor's rows); the shares are
+        disjoint and cover them all."""
         start, end = (len(items) * r // self.size for r in (self.rank, self.rank + 1))
         return items[start:end]
 

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from patcher.progress import progress
@@ -56,3 +57,21 @@ def per_sample_fisher(
             for name, g in gradients(params, *chunk).items():
                 sums[name] += g.float().square().sum(0)
     return sums
+
+
+def classifier_loss(call, pixel_values: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one image."""
+    return F.cross_entropy(call(pixel_values=pixel_values[None]).logits, label[None])
+
+
+def lm_loss(call, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of one right-padded sequence.
+
+    No attention mask reaches the model: under causal attention, tokens before the right
+    padding never see it, and transformers' mask builder branches on the mask's values,
+    which vmap cannot trace. The padded positions are left out of the loss.
+    """
+    logits = call(input_ids=input_ids[None]).logits[0, :-1]
+    counted = attention_mask[1:].float()
+    nll = F.cross_entropy(logits.float(), input_ids[1:], reduction="none")
+    return (nll * counted).sum() / counted.sum().clamp(min=1)

@@ -15,10 +15,19 @@ from patcher.adapters import causal_lm_adapter
 from patcher.distributed import World, join_world
 from patcher.erase import resolve_layers
 from patcher.errors import PatcherError
-from patcher.models import load_causal_lm, model_fingerprint, resolve_model_dir
+from patcher.imagesets import ImageSet
+from patcher.models import detect_family, load_causal_lm, load_classifier, model_fingerprint, resolve_model_dir
+from patcher.per_sample import classifier_loss, per_sample_fisher
 from patcher.resume import Checkpointer
 from patcher.spec import load_spec
-from patcher.stats import collect_fisher, collect_second_moments, corpus_batches, read_corpus, stats_cache_key
+from patcher.stats import (
+    FisherDiagonals,
+    collect_fisher,
+    collect_second_moments,
+    corpus_batches,
+    read_corpus,
+    stats_cache_key,
+)
 
 KINDS = ("second-moment", "fisher", "fisher-batch-mean")
 
@@ -39,8 +48,9 @@ class StatsRun:
         unit = "tokens" if self.kind == "second-moment" else "samples"
         what = "second moments" if self.kind == "second-moment" else f"{self.kind} diagonals"
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
+        where = f"layers {self.layers}" if self.layers else "every parameter"
         resumed = f" (resumed after {self.resumed_tokens} tokens)" if self.resumed_tokens else ""
-        return f"{what} of layers {self.layers} over {self.count} {unit}{ranks}{resumed} -> {out}"
+        return f"{what} of {where} over {self.count} {unit}{ranks}{resumed} -> {out}"
 
 
 def partial_path(out: Path, world: World) -> Path:
@@ -60,7 +70,8 @@ def run_stats(
     checkpoint_every: int | None = None,
     trust_remote_code: bool = False,
 ) -> StatsRun:
-    """Collect `kind` statistics of the chosen layers' down-projections over `corpus` into `out`.
+    """Collect `kind` statistics of the chosen layers' down-projections over `corpus` into `out`
+    (an image classifier: the per-sample Fisher of every parameter over the image set `corpus`).
 
     `checkpoint_every` (tokens) saves this rank's partial sums atomically, so a rerun with
     the same arguments after a crash resumes where the last save left off.
@@ -71,6 +82,12 @@ def run_stats(
         raise PatcherError("--checkpoint-every is a number of tokens: give a positive number")
     world = join_world()
     folder = resolve_model_dir(model, trust_remote_code)
+    if detect_family(folder) == "classifier":
+        stats = _classifier_fisher(folder, corpus, kind, checkpoint_every, world, trust_remote_code)
+        if world.is_main:
+            stats.save(out)
+        world.leave()
+        return StatsRun(kind, [], stats.sample_count, 0, world.size, world.is_main)
     lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
     adapter = causal_lm_adapter(lm.to(world.device()))
     facts = load_spec(spec_path).forget if spec_path is not None else None
@@ -94,3 +111,19 @@ def run_stats(
     if checkpointer is not None:
         checkpointer.discard()
     return StatsRun(kind, chosen, count, resumed, world.size, world.is_main)
+
+
+def _classifier_fisher(
+    folder: Path, images: Path, kind: str, checkpoint_every: int | None, world: World, trust_remote_code: bool
+) -> FisherDiagonals:
+    """Per-sample Fisher of every parameter of an image classifier over an image set, summed over ranks."""
+    if kind != "fisher":
+        raise PatcherError(f"a classifier's statistics are its per-sample Fisher: use --kind fisher, not {kind}")
+    if checkpoint_every is not None:
+        raise PatcherError("--checkpoint-every applies to causal-LM corpora: a classifier's pass is not checkpointed")
+    device = world.device()
+    classifier = load_classifier(folder, trust_remote_code).to(device).eval()
+    data = ImageSet.load(images)
+    mine = tuple(world.slice(t).to(device) for t in (data.pixel_values, data.labels))
+    sums = per_sample_fisher(classifier, classifier_loss, mine)
+    return FisherDiagonals(sums, world.sum_(sums, len(mine[0])), "fisher")

@@ -9,8 +9,8 @@ from helpers import run_cli
 from torch import nn
 
 from patcher.imagesets import ImageSet
-from patcher.methods.ssd import SSDHparams, classifier_loss, dampened
-from patcher.per_sample import per_sample_fisher
+from patcher.methods.ssd import SSDHparams, dampened
+from patcher.per_sample import classifier_loss, per_sample_fisher
 
 
 class TinyConvNet(nn.Module):
@@ -122,3 +122,24 @@ def test_classifier_bad_input_is_one_line(classifier_fixture, tmp_path, change, 
     assert len(result.stderr.strip().splitlines()) == 1
     assert ("at most 8" in result.stderr) if "alpha" in message else ("nf4" in result.stderr)
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_stats_fisher_on_a_classifier_sums_every_parameter_over_the_image_set(classifier_fixture, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageClassification
+
+    images = tmp_path / "few.safetensors"
+    data = ImageSet.load(classifier_fixture / "data" / "test.safetensors")
+    ImageSet(data.pixel_values[:40], data.labels[:40]).save(images)
+    out = tmp_path / "fisher.safetensors"
+    result = run_cli("stats", str(classifier_fixture), "--corpus", str(images), "--kind", "fisher", "--out", str(out))
+    assert "every parameter over 40 samples" in result.stdout
+    model = AutoModelForImageClassification.from_pretrained(classifier_fixture).eval()
+    expected = per_sample_fisher(model, classifier_loss, (data.pixel_values[:40], data.labels[:40]))
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["sample_count"] == "40"
+        assert {n.removesuffix(".fisher") for n in f.keys()} == set(expected)  # noqa: SIM118
+        for name, value in expected.items():
+            torch.testing.assert_close(f.get_tensor(f"{name}.fisher"), value, rtol=1e-5, atol=1e-8)
+    wrong = run_cli("stats", str(classifier_fixture), "--corpus", str(images), "--out", str(tmp_path / "x"), expect=2)
+    assert "use --kind fisher" in wrong.stderr and not (tmp_path / "x").exists()

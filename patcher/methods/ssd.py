@@ -20,13 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.imagesets import ImageSet
 from patcher.methods import Deltas, EditInputs, hparam, register
-from patcher.per_sample import SampleLoss, per_sample_fisher
+from patcher.per_sample import SampleLoss, classifier_loss, lm_loss, per_sample_fisher
 from patcher.stats import read_corpus
 from patcher.tokens import pad_id, right_padded
 
@@ -55,24 +54,6 @@ def dampened(
         beta = torch.where(selected, (hp.dampening * d / f.clamp(min=1e-30)).clamp(max=1.0), 1.0)
         deltas[name] = (theta.double() * (beta - 1)).to(theta.dtype)
     return deltas
-
-
-def classifier_loss(call, pixel_values: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of one image."""
-    return F.cross_entropy(call(pixel_values=pixel_values[None]).logits, label[None])
-
-
-def lm_loss(call, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of one right-padded sequence.
-
-    No attention mask reaches the model: under causal attention, tokens before the right
-    padding never see it, and transformers' mask builder branches on the mask's values,
-    which vmap cannot trace. The padded positions are left out of the loss.
-    """
-    logits = call(input_ids=input_ids[None]).logits[0, :-1]
-    counted = attention_mask[1:].float()
-    nll = F.cross_entropy(logits.float(), input_ids[1:], reduction="none")
-    return (nll * counted).sum() / counted.sum().clamp(min=1)
 
 
 def _classifier_data(inputs: EditInputs) -> tuple[SampleLoss, tuple, tuple]:
