@@ -7,9 +7,10 @@ A Llama-shaped model of about 0.5 GB (fp32, random weights, 8 layers of 1024 / 2
 down-projections. Providers, each in its own process after the same imports (torch,
 transformers, patcher): `from_pretrained` loads the model, `patch.apply_to`s it and
 `save_pretrained`s it in 64 MB shards, what a user would otherwise write; `patcher-apply`
-runs `patcher apply`, which copies each shard and overwrites only the patched tensors' bytes. Peak memory is the
-process's peak RSS (VmHWM, reset after the imports) above its RSS after the imports; the budget of the scale issue is
-2 × the largest shard + the patch file. Both outputs hold the same patched weights (checked).
+runs `patcher apply`, which copies each shard and overwrites only the patched tensors'
+bytes. Peak memory is the process's peak RSS (VmHWM, reset after the imports) above its
+RSS after the imports; the budget of the scale issue is 2 × the largest shard + the patch
+file. Both outputs hold the same patched weights (checked).
 """
 
 from __future__ import annotations
