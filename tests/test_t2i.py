@@ -70,6 +70,8 @@ def test_erasure_holds_on_generated_images(diffusion_fixture, tmp_path, method):
     assert result.returncode == (0 if report["passed"] else 1)
     if method == "uce":
         assert attack >= 0.5  # RECE's inversion regenerates what UCE erased, as RECE reports
+    else:
+        assert report["passed"]  # after 120 rounds (the fixture's spec) no c′ draws the circle
 
 
 def test_verify_fails_a_patch_that_erases_nothing(diffusion_fixture, tmp_path):
