@@ -1,4 +1,5 @@
-"""UCE's closed form at Stable Diffusion 1.5's cross-attention shapes: 1 and 100 erased concepts.
+"""UCE's closed form at Stable Diffusion 1.5's cross-attention shapes: 1 and 100 erased concepts,
+and RECE's rounds on top of it.
 
     python bench/uce.py [--quick]
 
@@ -8,6 +9,8 @@ embeddings (50 preserved).
 `per-matrix-solve` is UCE's own loop: for every matrix, form the numerator with W₀ inside
 and solve against the d × d denominator. `patcher` solves the W₀-free factor once, as
 M − I = U V of rank n (the number of erased concepts), and forms each ΔW = (W₀ U) V.
+For RECE, `per-matrix-solve` runs that loop once per round over every row erased so far and
+derives c′ from the edited matrices; `patcher` carries the rows as two d × d sums.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import sys
 import torch
 from kernel_harness import Results, detect_device, parse_args, relative_error, time_ms
 
-from patcher.methods.uce import UCEHparams, projection_deltas, uce_factors
+from patcher.methods.uce import RECE_REGULARIZATION, UCEHparams, projection_deltas, rece_factors, uce_factors
 
 SD15_BLOCK_WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
 TEXT_WIDTH = 768
 PRESERVED = 50
+RECE_ROWS, RECE_ROUNDS = 148, 10  # two concepts' rows from their last token of a 77-token prompt
 
 
 def per_matrix_solve(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEHparams) -> dict:
@@ -36,6 +40,23 @@ def per_matrix_solve(weights: dict[str, torch.Tensor], erase, anchors, preserve,
 
 def shared_transform(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEHparams) -> dict:
     return projection_deltas(weights, uce_factors(erase, anchors, preserve, hp))
+
+
+def rece_per_matrix(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEHparams) -> dict:
+    eye = torch.eye(TEXT_WIDTH, dtype=erase.dtype)
+    erased, targets = erase, anchors
+    for _ in range(RECE_ROUNDS):
+        edited = per_matrix_solve(weights, erased, targets, preserve, hp)
+        system = sum(w.T @ w for w in edited.values()) + RECE_REGULARIZATION * eye
+        recovered = torch.linalg.solve(system, sum(edited[n].T @ weights[n] for n in weights) @ erase.T).T
+        erased, targets = torch.cat([erased, recovered]), torch.cat([targets, anchors])
+    return per_matrix_solve(weights, erased, targets, preserve, hp)
+
+
+def rece_shared(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEHparams) -> dict:
+    gram = sum(w.double().T @ w.double() for w in weights.values())
+    factors = rece_factors(erase, anchors, preserve, gram, RECE_ROUNDS, RECE_REGULARIZATION, hp)
+    return projection_deltas(weights, factors)
 
 
 def main() -> None:
@@ -70,6 +91,22 @@ def main() -> None:
         ):
             ms = time_ms(fn, device.torch_device)
             results.add(provider, shape, ms, error_vs_float64=f"{errors[provider]:.1e}")
+    erase = torch.randn(RECE_ROWS, TEXT_WIDTH, generator=generator)
+    anchors = torch.randn(RECE_ROWS, TEXT_WIDTH, generator=generator)
+    shape = f"RECE {RECE_ROUNDS} rounds, {RECE_ROWS} rows, {len(weights)} matrices"
+    as64 = [t.double() for t in (erase, anchors, preserve)]
+    reference = rece_per_matrix({n: w.double() for n, w in weights.items()}, *as64, hp)
+    ours, theirs = (
+        rece_shared(weights, erase, anchors, preserve, hp),
+        rece_per_matrix(weights, erase, anchors, preserve, hp),
+    )
+    errors = {
+        "patcher": max(relative_error(weights[n] + ours[n], reference[n]) for n in weights),
+        "per-matrix-solve": max(relative_error(theirs[n], reference[n]) for n in weights),
+    }
+    for provider, fn in (("per-matrix-solve", rece_per_matrix), ("patcher", rece_shared)):
+        ms = time_ms(lambda: fn(weights, erase, anchors, preserve, hp), device.torch_device)  # noqa: B023
+        results.add(provider, shape, ms, error_vs_float64=f"{errors[provider]:.1e}")
     results.write("per-matrix-solve", args.out)
 
 

@@ -12,7 +12,8 @@ denominator), so each update ΔW = (W₀ U) V has rank at most the number of era
 
 RECE (Gong et al., 2024) then asks which embedding c′ the edited projections still map to
 the original output of c, c′ = (Σ W′ᵀW′ + λ_reg I)⁻¹ Σ W′ᵀW₀ c, erases c′ to the anchor too,
-and repeats. With G = Σ W₀ᵀW₀ this is c′ = (MᵀGM + λ_reg I)⁻¹ MᵀG c, again d × d only.
+and repeats. With G = Σ W₀ᵀW₀ this is c′ = (MᵀGM + λ_reg I)⁻¹ MᵀG c, again d × d only, and
+the erased rows enter the next solve through two d × d sums, so a round's cost stays flat.
 """
 
 from __future__ import annotations
@@ -81,15 +82,26 @@ def rece_factors(
     hp: UCEHparams = UCEHparams(),
 ) -> Factors:
     """UCE's factors after `rounds` of RECE: each round also erases, to the concept's anchor,
-    the embedding that still regenerates the concept."""
-    erased, targets = erase.double(), anchors.double()
-    factors = uce_factors(erased, targets, preserve, hp)
+    the embedding that still regenerates the concept.
+
+    UCE's solve depends on the erased rows only through X = Σ (c_a − c_e) c_eᵀ and Σ c_e c_eᵀ,
+    so each round adds its rows to these d × d sums: a round costs the same however many
+    came before. The result is returned as (M − I, I), of rank at most d.
+    """
+    erase, anchors, preserve = erase.double(), anchors.double(), preserve.double()
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    fixed = hp.lam * eye + hp.preserve_scale * preserve.T @ preserve
+    cross, erased_gram = (anchors - erase).T @ erase, erase.T @ erase
+
+    def transform_minus_identity() -> torch.Tensor:  # s_e X D⁻¹, D symmetric
+        denominator = fixed + hp.erase_scale * erased_gram
+        return hp.erase_scale * guarded_solve(denominator, cross.T, "UCE's system").T
+
     for _ in range(rounds):
-        transform = torch.eye(gram.shape[0], dtype=torch.float64) + factors[0] @ factors[1]
-        recovered = inverted_embeddings(transform, gram, erase, regularization)
-        erased, targets = torch.cat([erased, recovered]), torch.cat([targets, anchors.double()])
-        factors = uce_factors(erased, targets, preserve, hp)
-    return factors
+        recovered = inverted_embeddings(eye + transform_minus_identity(), gram, erase, regularization)
+        cross = cross + (anchors - recovered).T @ recovered
+        erased_gram = erased_gram + recovered.T @ recovered
+    return transform_minus_identity(), eye
 
 
 def projection_deltas(weights: dict[str, torch.Tensor], factors: Factors) -> dict[str, torch.Tensor]:
