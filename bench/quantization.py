@@ -36,7 +36,7 @@ RUNS = [
     (None, "ga (lr 1e-5, retain x5)", "ga", (), {"ga_lr": 1e-5, "ga_steps": 1000, "retain_weight": 5.0}),
     ("fp4", "memit", "memit", (), {}),
     ("fp4", "memit --robust-to int8,nf4,fp4", "memit", ROBUST, {}),
-    ("fp4", "ga (lr 1e-5, 600 steps: the spec's)", "ga", (), {}),
+    ("fp4", "ga (lr 1e-5, 1200 steps: the spec's)", "ga", (), {}),
 ]
 
 
