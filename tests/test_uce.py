@@ -87,6 +87,21 @@ def test_rece_also_erases_the_embedding_that_regenerated_the_concept():
         torch.testing.assert_close((w + deltas[name]) @ first.T, w @ anchors.T, atol=1e-5, rtol=1e-5)
 
 
+def test_rece_rounds_equal_one_uce_solve_over_every_erased_row():
+    """Independent: RECE as the issue states it, re-solving UCE over c and every round's c′."""
+    weights, erase, anchors, preserve = random_problem(4, d=16)
+    gram = sum(w.T @ w for w in weights.values())
+    hp = UCEHparams(lam=0.2, erase_scale=1.5, preserve_scale=3.0)
+    erased, targets = erase, anchors
+    for _ in range(4):
+        recovered = inverted_embeddings(uce_transform(erased, targets, preserve, hp), gram, erase, 0.1)
+        erased, targets = torch.cat([erased, recovered]), torch.cat([targets, anchors])
+    left, right = rece_factors(erase, anchors, preserve, gram, 4, 0.1, hp)
+    torch.testing.assert_close(
+        torch.eye(16, dtype=torch.float64) + left @ right, uce_transform(erased, targets, preserve, hp)
+    )
+
+
 # --- the adapter, on tiny pipelines shaped like the real families ---------------------------
 
 LETTERS = list(string.ascii_lowercase)

@@ -43,15 +43,19 @@ class UCEHparams:
 Factors = tuple[torch.Tensor, torch.Tensor]  # (U (d, n), V (n, d)): M − I = U V
 
 
+def _solve_right(erased_gram: torch.Tensor, preserve: torch.Tensor, rhs: torch.Tensor, hp: UCEHparams) -> torch.Tensor:
+    """rhs D⁻¹ for UCE's symmetric denominator D = λI + s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ; rhs (n, d)."""
+    eye = torch.eye(erased_gram.shape[0], dtype=torch.float64)
+    denominator = hp.lam * eye + hp.erase_scale * erased_gram + hp.preserve_scale * preserve.T @ preserve
+    return guarded_solve(denominator, rhs.T, "UCE's system").T
+
+
 def uce_factors(
     erase: torch.Tensor, anchors: torch.Tensor, preserve: torch.Tensor, hp: UCEHparams = UCEHparams()
 ) -> Factors:
     """U, V with M = I + U V. erase, anchors: (n_e, d) row embeddings, pairwise; preserve: (n_p, d)."""
     erase, anchors, preserve = erase.double(), anchors.double(), preserve.double()
-    eye = torch.eye(erase.shape[1], dtype=torch.float64)
-    denominator = hp.lam * eye + hp.erase_scale * erase.T @ erase + hp.preserve_scale * preserve.T @ preserve
-    right = guarded_solve(denominator, erase.T, "UCE's system").T  # C_e D⁻¹ (the denominator is symmetric)
-    return hp.erase_scale * (anchors - erase).T, right
+    return hp.erase_scale * (anchors - erase).T, _solve_right(erase.T @ erase, preserve, erase, hp)  # C_e D⁻¹
 
 
 def uce_transform(
@@ -90,18 +94,13 @@ def rece_factors(
     """
     erase, anchors, preserve = erase.double(), anchors.double(), preserve.double()
     eye = torch.eye(gram.shape[0], dtype=torch.float64)
-    fixed = hp.lam * eye + hp.preserve_scale * preserve.T @ preserve
     cross, erased_gram = (anchors - erase).T @ erase, erase.T @ erase
-
-    def transform_minus_identity() -> torch.Tensor:  # s_e X D⁻¹, D symmetric
-        denominator = fixed + hp.erase_scale * erased_gram
-        return hp.erase_scale * guarded_solve(denominator, cross.T, "UCE's system").T
-
     for _ in range(rounds):
-        recovered = inverted_embeddings(eye + transform_minus_identity(), gram, erase, regularization)
+        transform = eye + hp.erase_scale * _solve_right(erased_gram, preserve, cross, hp)
+        recovered = inverted_embeddings(transform, gram, erase, regularization)
         cross = cross + (anchors - recovered).T @ recovered
         erased_gram = erased_gram + recovered.T @ recovered
-    return transform_minus_identity(), eye
+    return hp.erase_scale * _solve_right(erased_gram, preserve, cross, hp), eye
 
 
 def projection_deltas(weights: dict[str, torch.Tensor], factors: Factors) -> dict[str, torch.Tensor]:
