@@ -39,10 +39,10 @@ def test_fixture_is_a_stock_pipeline_that_draws_its_shapes(diffusion_fixture):
     assert shape_accuracy(pipe, judge, images_per_prompt=2) >= 0.9
     adapter = UNetAdapter.from_pipeline(pipe)
     shapes = [s for s in SHAPES if s != "blank"]
-    rows = torch.stack([adapter.concept_embeddings(s, colour_templates()[:1])[0][0] for s in shapes])
-    unit = torch.nn.functional.normalize(rows, dim=-1)
-    cosines = (unit @ unit.T)[~torch.eye(len(shapes), dtype=torch.bool)]
-    assert cosines.max() < 0.9  # a random CLIP text encoder gives ~0.99
+    rows = torch.stack([adapter.concept_embeddings(s, colour_templates()[:1])[0] for s in shapes])
+    unit = torch.nn.functional.normalize(rows, dim=-1)  # (shapes, positions from the shape on, width)
+    cosines = torch.einsum("ipd,jqd->ijpq", unit, unit)[~torch.eye(len(shapes), dtype=torch.bool)]
+    assert cosines.abs().max() < 0.2  # each shape in its own directions (a random CLIP encoder: ~0.99)
     spec = load_spec(diffusion_fixture / "spec.toml")
     assert spec.family == "t2i-unet" and spec.concepts and spec.preserve
     assert set(spec.templates) < set(spec.images.prompts)  # verify asks prompts the edit never saw
