@@ -18,14 +18,15 @@ LAYERS_HELP = 'comma-separated layer indices, or "auto"'
 
 
 class PatcherGroup(click.Group):
-    """Turns PatcherError and click usage errors into one line on stderr and exit code 2."""
+    """Turns PatcherError and click usage errors into one line on stderr and the error's exit
+    code (2 for bad input)."""
 
     def main(self, *args, **kwargs):
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except PatcherError as err:
             click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            sys.exit(err.exit_code)
         except click.exceptions.Exit as exit_:
             sys.exit(exit_.exit_code)
         except click.ClickException as err:
@@ -72,12 +73,14 @@ def main() -> None:
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("patcher-demo"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def demo(out: Path, as_json: bool) -> None:
+@click.option("--seed", type=int, default=0, show_default=True, help="the fixture's training seed")
+@click.option("--threads", type=int, default=None, help="CPU threads the fixture trains on (default 2)")
+def demo(out: Path, as_json: bool, seed: int, threads: int | None) -> None:
     """Erase facts from the built-in LM fixture, export, verify and print the table."""
     from patcher.demo import run_demo
     from patcher.verification.report import report_table
 
-    report = run_demo(out)
+    report = run_demo(out, seed, threads)
     emit(report, as_json, report_table(report) + f"\nreport: {out / 'report.json'}")
     sys.exit(0 if report["passed"] else 1)
 
@@ -94,18 +97,23 @@ def demo(out: Path, as_json: bool) -> None:
     default=None,
     help="snap the quantized layers onto this 4-bit grid (a quantization-aware base, where small updates round away)",
 )
-def fixture(kind: str, out: Path, arch: str, grid: str | None) -> None:
+@click.option("--seed", type=int, default=0, show_default=True, help="lm: training seed (weights, batch order)")
+@click.option(
+    "--threads", type=int, default=None, help="lm: CPU threads to train on (default 2, whatever the machine has)"
+)
+def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, threads: int | None) -> None:
     """Build a small trained model with spec.toml and corpus.txt into OUT (cached).
 
     lm: a Llama (or GPT-2) that knows a fictitious world; diffusion: a Stable Diffusion
     pipeline that draws coloured shapes, with the image judge that grades them;
     classifier: a ResNet that tells eight coloured shapes apart, with its train and test images.
+    Another --seed or --threads trains another lm of the same world, as another machine would.
     """
     from patcher.fixtures import build_fixture
 
     if kind != "lm" and grid is not None:
         raise PatcherError("--grid applies to the lm fixture")
-    build_fixture(kind, out, arch, grid)
+    build_fixture(kind, out, arch, grid, seed, threads)
     what = {"lm": f"{arch}, weights on the {grid} grid" if grid else arch, "diffusion": "stable diffusion"}
     data = f"images {out / 'data'}" if kind == "classifier" else f"corpus {out / 'corpus.txt'}"
     click.echo(f"fixture {kind} ({what.get(kind, 'resnet')}) in {out}: spec {out / 'spec.toml'}, {data}")

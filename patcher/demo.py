@@ -14,13 +14,18 @@ from patcher.spec import load_spec
 from patcher.verification.report import verify, write_report
 
 
-def run_demo(out: Path) -> dict:
+def run_demo(out: Path, seed: int = 0, threads: int | None = None, fixture: Path | None = None) -> dict:
     """Fixture -> robust erase (the spec's closed-form method, made to hold in every quantized
-    format the spec verifies) -> export every format, ONNX and ONNX int8 too -> verify each -> report.json."""
+    format the spec verifies) -> export every format, ONNX and ONNX int8 too -> verify each -> report.json.
+
+    `seed` and `threads` pick another build of the LM fixture (see `build_fixture`);
+    `fixture`, a folder `patcher fixture lm` wrote, is used as it is instead.
+    """
     timings = {}
-    start = time.perf_counter()
-    fixture = build_fixture("lm", out / "fixture")
-    timings["fixture"] = time.perf_counter() - start
+    if fixture is None:
+        start = time.perf_counter()
+        fixture = build_fixture("lm", out / "fixture", seed=seed, threads=threads)
+        timings["fixture"] = time.perf_counter() - start
     spec = load_spec(fixture / "spec.toml")
     start = time.perf_counter()
     quantized = tuple(f for f in spec.formats if f != "safetensors")

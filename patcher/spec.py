@@ -27,6 +27,8 @@ ERASE_HPARAMS = {
     "kl_factor": (int, float),
     "clamp_norm": (int, float),
     "batch_size": int,
+    "rounds": int,
+    "escalation": (int, float),
     "context_templates": int,
     "ga_lr": (int, float),
     "ga_steps": int,

@@ -9,7 +9,7 @@ import json
 import pytest
 from helpers import erase_with_cli, export_patched, generate_accuracy, run_cli, spec_facts
 
-from patcher.spec import load_spec
+from patcher.spec import dump_spec, load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +72,22 @@ def test_alphaedit_sequential_batches_do_not_undo_each_other(lm_fixture, tmp_pat
     write_model_folder(lm_fixture, tmp_path / "out", erase(spec, lm_fixture, method="alphaedit"))
     first_batch = [(f.prompt, f.target) for f in spec.forget[: len(spec.forget) // 2]]
     assert generate_accuracy(tmp_path / "out", first_batch) <= 0.10
+
+
+def test_an_erasure_that_cannot_reach_its_facts_exits_1_naming_the_survivors(lm_fixture, tmp_path):
+    """λ a million times the spec's, one round: MEMIT barely moves, and erase says so instead of writing a patch."""
+    spec = load_spec(lm_fixture / "spec.toml")
+    raw = {k: (dict(v) if isinstance(v, dict) else [dict(e) for e in v]) for k, v in spec.raw.items()}
+    raw["model"]["path"] = str(lm_fixture)
+    raw["stats"]["corpus"] = str(lm_fixture / "corpus.txt")
+    raw["erase"].update(mom2_weight=1e9, rounds=1)
+    (tmp_path / "spec.toml").write_text(dump_spec(raw))
+    out = tmp_path / "patch.safetensors"
+    result = run_cli("erase", "--spec", str(tmp_path / "spec.toml"), "--method", "memit", "--out", str(out), expect=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    survivors = int(lines[0].removeprefix("error: ").split()[0])
+    assert 0 < survivors <= len(spec.forget)
+    assert f"of {len(spec.forget)} forget facts are still answered after 1 round" in lines[0]
+    assert "mom2_weight" in lines[0]  # what to try
+    assert not out.exists()

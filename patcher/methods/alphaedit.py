@@ -11,7 +11,8 @@ from patcher.errors import PatcherError
 from patcher.methods import Deltas, EditInputs, hparam, register
 from patcher.methods.linalg import guarded_solve
 from patcher.methods.lm_edit import TargetHparams, accumulate, deltas_applied, edit_layers
-from patcher.methods.robust import Robustness, robust_edit
+from patcher.methods.robust import Robustness, box_solver
+from patcher.methods.rounds import DEFAULT_ROUNDS, erase_in_rounds
 
 DEFAULT_NULLSPACE_THRESHOLD = 1e-2
 DEFAULT_L2 = 10.0
@@ -66,40 +67,51 @@ def alphaedit_system(
 
 @register("alphaedit")
 def alphaedit(inputs: EditInputs) -> Deltas:
-    """Erase the forget facts in batches of erase.batch_size (default: all at once).
+    """Erase the forget facts in batches of erase.batch_size (default: all at once), solving
+    again for the facts still answered, up to erase.rounds times.
 
-    Keys of earlier batches enter later solves, so a later batch cannot undo an earlier one.
+    Keys of earlier batches and rounds enter later solves, so a later one cannot undo an
+    earlier one. Every round keeps the same null space: erase.escalation is MEMIT's.
     """
-    adapter, spec = inputs.adapter, inputs.spec
+    adapter, spec, tokenizer, layers = inputs.adapter, inputs.spec, inputs.tokenizer, inputs.layers
     threshold = hparam(inputs, "nullspace_threshold", DEFAULT_NULLSPACE_THRESHOLD)
     if inputs.robust_to:
         threshold = hparam(inputs, "robust_nullspace_threshold", ROBUST_THRESHOLD_FACTOR * threshold)
     l2 = hparam(inputs, "l2", DEFAULT_L2)
     batch_size = hparam(inputs, "batch_size", max(len(spec.forget), 1))
-    bases = {
-        layer: nullspace_basis(inputs.stats.mean(adapter.down_proj_name(layer)), threshold) for layer in inputs.layers
-    }
+    bases = {layer: nullspace_basis(inputs.stats.mean(adapter.down_proj_name(layer)), threshold) for layer in layers}
     projectors = {layer: basis @ basis.T for layer, basis in bases.items()}
     previous = {layer: torch.zeros_like(p) for layer, p in projectors.items()}
 
-    def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
-        update = alphaedit_update(keys, residuals, projectors[layer], previous[layer], l2)
+    def update(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+        solved = alphaedit_update(keys, residuals, projectors[layer], previous[layer], l2)
         previous[layer] += keys @ keys.T
-        return update
+        return solved
 
     def system(layer: int, keys: torch.Tensor, residuals: torch.Tensor):
         quadratic = alphaedit_system(keys, residuals, previous[layer], l2)
         previous[layer] += keys @ keys.T
         return quadratic
 
+    robust = inputs.robust_to
+    solve = box_solver(adapter, layers, system, Robustness(robust), bases.get) if robust else update
     hp = TargetHparams.from_spec(spec.hparams)
-    if inputs.robust_to:
-        return robust_edit(
-            adapter, inputs.tokenizer, spec.forget, inputs.layers, system, hp, Robustness(inputs.robust_to), bases.get
-        )
-    total: Deltas = {}
-    for start in range(0, len(spec.forget), batch_size):
-        batch = spec.forget[start : start + batch_size]
-        with deltas_applied(adapter.model, total):
-            accumulate(total, edit_layers(adapter, inputs.tokenizer, batch, inputs.layers, solve, hp))
-    return total
+
+    def edit_round(facts, strength: float) -> Deltas:
+        total: Deltas = {}
+        for start in range(0, len(facts), batch_size):
+            batch = facts[start : start + batch_size]
+            with deltas_applied(adapter.model, total):
+                accumulate(total, edit_layers(adapter, tokenizer, batch, layers, solve, hp))
+        return total
+
+    return erase_in_rounds(
+        adapter,
+        tokenizer,
+        spec.forget,
+        edit_round,
+        robust,
+        hparam(inputs, "rounds", DEFAULT_ROUNDS),
+        escalation=1.0,
+        hint="raise erase.nullspace_threshold, lower erase.l2, or raise erase.rounds",
+    )

@@ -7,7 +7,8 @@ import torch
 from patcher.methods import Deltas, EditInputs, hparam, register
 from patcher.methods.linalg import guarded_solve
 from patcher.methods.lm_edit import TargetHparams, edit_layers
-from patcher.methods.robust import Robustness, robust_edit
+from patcher.methods.robust import Robustness, box_solver
+from patcher.methods.rounds import DEFAULT_ESCALATION, DEFAULT_ROUNDS, erase_in_rounds
 
 DEFAULT_MOM2_WEIGHT = 15000.0
 
@@ -39,29 +40,39 @@ def memit_update(
 
 @register("memit")
 def memit(inputs: EditInputs) -> Deltas:
-    """Erase the spec's forget facts with MEMIT (hyperparameters mom2_weight = λ, ridge = μ)."""
+    """Erase the spec's forget facts with MEMIT (hyperparameters mom2_weight = λ, ridge = μ).
+
+    Facts still answered after a round are solved again with λ divided by erase.escalation,
+    up to erase.rounds times (see `rounds`).
+    """
     mom2_weight = hparam(inputs, "mom2_weight", DEFAULT_MOM2_WEIGHT)
     ridge = hparam(inputs, "ridge", 0.0)
-    adapter, hp = inputs.adapter, TargetHparams.from_spec(inputs.spec.hparams)
+    adapter, tokenizer, layers = inputs.adapter, inputs.tokenizer, inputs.layers
+    hp = TargetHparams.from_spec(inputs.spec.hparams)
 
-    def cov(layer: int) -> torch.Tensor:
-        return inputs.stats.mean(adapter.down_proj_name(layer))
+    weight = mom2_weight  # this round's λ
 
-    if inputs.robust_to:
-        return robust_edit(
-            adapter,
-            inputs.tokenizer,
-            inputs.spec.forget,
-            inputs.layers,
-            lambda layer, keys, residuals: memit_system(keys, residuals, cov(layer), mom2_weight, ridge),
-            hp,
-            Robustness(inputs.robust_to),
-        )
-    return edit_layers(
+    def system(layer: int, keys: torch.Tensor, residuals: torch.Tensor):
+        return memit_system(keys, residuals, inputs.stats.mean(adapter.down_proj_name(layer)), weight, ridge)
+
+    def update(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+        return memit_update(keys, residuals, inputs.stats.mean(adapter.down_proj_name(layer)), weight, ridge)
+
+    # Built once: the box is set by the base weights, before any round's update.
+    solve = box_solver(adapter, layers, system, Robustness(inputs.robust_to)) if inputs.robust_to else update
+
+    def edit_round(facts, strength: float) -> Deltas:
+        nonlocal weight
+        weight = mom2_weight / strength
+        return edit_layers(adapter, tokenizer, facts, layers, solve, hp)
+
+    return erase_in_rounds(
         adapter,
-        inputs.tokenizer,
+        tokenizer,
         inputs.spec.forget,
-        inputs.layers,
-        lambda layer, keys, residuals: memit_update(keys, residuals, cov(layer), mom2_weight, ridge),
-        hp,
+        edit_round,
+        inputs.robust_to,
+        hparam(inputs, "rounds", DEFAULT_ROUNDS),
+        hparam(inputs, "escalation", DEFAULT_ESCALATION),
+        hint="raise erase.rounds or erase.escalation, or edit more layers",
     )

@@ -6,30 +6,20 @@ absmax that sets a block's scale, which coarsens every other weight of the block
 destroys what should be retained. Measured on the LM fixture, MEMIT's unconstrained edit
 does the second: retain ratio 0.66 in fp4 and 0.68 in int4. So each layer's update is
 solved inside the formats' scale envelopes (|W + Δ| never exceeds the base's block
-absmax), then every format is checked by exact fake quantization, and the facts that
-still come back are edited again, up to a number of rounds.
+absmax); `rounds.erase_in_rounds` then checks every format by exact fake quantization and
+edits again the facts that still come back.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from patcher.adapters import CausalLMAdapter
-from patcher.formats.quantized import check_format, fake_quantized, scale_envelope
-from patcher.methods.lm_edit import (
-    TargetHparams,
-    accumulate,
-    build_request,
-    deltas_applied,
-    edit_layers,
-    still_answered,
-)
-from patcher.spec import ForgetFact
-from patcher.tokens import pad_id
+from patcher.formats.quantized import check_format, scale_envelope
+from patcher.methods.lm_edit import LayerSolver
 
 # (layer, keys K, residuals R) -> (A, B): the method's objective tr(ΔAΔᵀ) − 2tr(ΔBᵀ).
 Quadratic = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -37,10 +27,9 @@ Quadratic = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torc
 
 @dataclass(frozen=True)
 class Robustness:
-    """Which quantized formats the edit must survive, and the effort spent on it."""
+    """Which quantized formats the edit must survive, and the effort spent on each box solve."""
 
     formats: tuple[str, ...]
-    rounds: int = 4
     iterations: int = 500
 
     def __post_init__(self) -> None:
@@ -99,22 +88,20 @@ def solve_in_box_on_subspace(
     return (coords @ basis.T).clamp(lower, upper)
 
 
-def robust_edit(
+def box_solver(
     adapter: CausalLMAdapter,
-    tokenizer,
-    facts: list[ForgetFact],
     layers: list[int],
     quadratic: Quadratic,
-    hp: TargetHparams,
     robustness: Robustness,
     subspace: Callable[[int], torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Edit `facts` so they stay erased in full precision and in every named format.
+) -> LayerSolver:
+    """A layer solver for `quadratic` whose updates keep |W + Δ| inside every format's scale
+    envelope of the base weights W, so no block's quantization scale grows.
 
     `subspace(layer)`, when given, is an orthonormal basis (d_k, r) that each update's rows
-    must lie in (AlphaEdit's null space).
+    must lie in (AlphaEdit's null space). The solver may be called again with earlier
+    updates applied: the box is always relative to the weights as they are.
     """
-    model, pad = adapter.model, pad_id(tokenizer)
     envelope = {
         layer: torch.stack([scale_envelope(adapter.weight(layer), f) for f in robustness.formats]).amin(0).double()
         for layer in layers
@@ -128,30 +115,4 @@ def robust_edit(
             return solve_in_box(system, rhs, lower, upper, robustness.iterations)
         return solve_in_box_on_subspace(system, rhs, subspace(layer), lower, upper, robustness.iterations)
 
-    total: dict[str, torch.Tensor] = {}
-    remaining = list(facts)
-    for _ in range(robustness.rounds):
-        with deltas_applied(model, total):
-            accumulate(total, edit_layers(adapter, tokenizer, remaining, layers, solve, hp))
-        with deltas_applied(model, total):
-            remaining = answered_in_any_format(model, tokenizer, facts, robustness.formats, pad)
-        if not remaining:
-            return total
-    warnings.warn(
-        f"{len(remaining)} of {len(facts)} facts are still answered in one of "
-        f"{', '.join(robustness.formats)} after {robustness.rounds} rounds",
-        stacklevel=2,
-    )
-    return total
-
-
-def answered_in_any_format(
-    model, tokenizer, facts: list[ForgetFact], formats: tuple[str, ...], pad: int
-) -> list[ForgetFact]:
-    """The facts whose target greedy decoding still produces in full precision or any format."""
-    requests = [build_request(tokenizer, fact) for fact in facts]
-    answered = still_answered(model, requests, pad)
-    for fmt in formats:
-        with fake_quantized(model, fmt):
-            answered = [a or b for a, b in zip(answered, still_answered(model, requests, pad), strict=True)]
-    return [fact for fact, hit in zip(facts, answered, strict=True) if hit]
+    return solve
