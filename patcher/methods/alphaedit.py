@@ -17,10 +17,13 @@ from patcher.methods.rounds import DEFAULT_ROUNDS, erase_in_rounds
 DEFAULT_NULLSPACE_THRESHOLD = 1e-2
 DEFAULT_L2 = 10.0
 # Under --robust-to the scale envelopes bound every entry of the update, the job a tight
-# null space does for the unconstrained solve, so the null space can be wider. On the LM
-# fixture: 1×, 5× and 50× the plain threshold leave 22, 3 and 0 of 24 facts answered with
-# retain 1.00, 0.975 and 0.73, and 20× erases all with retain 0.90; 10× erases all with retain 0.958.
-ROBUST_THRESHOLD_FACTOR = 10.0
+# null space does for the unconstrained solve, so the null space can be wider. How much
+# wider depends on the model: on one build of the LM fixture 5× the plain threshold left 3
+# of 24 facts answered and 10× erased all (retain 0.958); on another, 5× erased all
+# (retain 0.983) and 10× dropped fp4's retain to 0.942. So the first round uses 5× and each
+# later round doubles the threshold for the facts still answered (`escalation`).
+ROBUST_THRESHOLD_FACTOR = 5.0
+DEFAULT_ESCALATION = 2.0
 
 
 def nullspace_basis(cov: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -68,10 +71,12 @@ def alphaedit_system(
 @register("alphaedit")
 def alphaedit(inputs: EditInputs) -> Deltas:
     """Erase the forget facts in batches of erase.batch_size (default: all at once), solving
-    again for the facts still answered, up to erase.rounds times.
+    again for the facts still answered, up to erase.rounds times, each round with the
+    null-space threshold multiplied by erase.escalation (default 2).
 
     Keys of earlier batches and rounds enter later solves, so a later one cannot undo an
-    earlier one. Every round keeps the same null space: erase.escalation is MEMIT's.
+    earlier one. Facts erased early keep the narrow null space's edit; only the hard ones
+    are edited in a wider one.
     """
     adapter, spec, tokenizer, layers = inputs.adapter, inputs.spec, inputs.tokenizer, inputs.layers
     threshold = hparam(inputs, "nullspace_threshold", DEFAULT_NULLSPACE_THRESHOLD)
@@ -79,8 +84,16 @@ def alphaedit(inputs: EditInputs) -> Deltas:
         threshold = hparam(inputs, "robust_nullspace_threshold", ROBUST_THRESHOLD_FACTOR * threshold)
     l2 = hparam(inputs, "l2", DEFAULT_L2)
     batch_size = hparam(inputs, "batch_size", max(len(spec.forget), 1))
-    bases = {layer: nullspace_basis(inputs.stats.mean(adapter.down_proj_name(layer)), threshold) for layer in layers}
-    projectors = {layer: basis @ basis.T for layer, basis in bases.items()}
+    covariances = {layer: inputs.stats.mean(adapter.down_proj_name(layer)) for layer in layers}
+    bases: dict[int, torch.Tensor] = {}
+    projectors: dict[int, torch.Tensor] = {}
+
+    def use_threshold(value: float) -> None:
+        for layer in layers:
+            bases[layer] = nullspace_basis(covariances[layer], value)
+            projectors[layer] = bases[layer] @ bases[layer].T
+
+    use_threshold(threshold)
     previous = {layer: torch.zeros_like(p) for layer, p in projectors.items()}
 
     def update(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
@@ -94,10 +107,11 @@ def alphaedit(inputs: EditInputs) -> Deltas:
         return quadratic
 
     robust = inputs.robust_to
-    solve = box_solver(adapter, layers, system, Robustness(robust), bases.get) if robust else update
+    solve = box_solver(adapter, layers, system, Robustness(robust), bases.__getitem__) if robust else update
     hp = TargetHparams.from_spec(spec.hparams)
 
     def edit_round(facts, strength: float) -> Deltas:
+        use_threshold(threshold * strength)
         total: Deltas = {}
         for start in range(0, len(facts), batch_size):
             batch = facts[start : start + batch_size]
@@ -112,6 +126,6 @@ def alphaedit(inputs: EditInputs) -> Deltas:
         edit_round,
         robust,
         hparam(inputs, "rounds", DEFAULT_ROUNDS),
-        escalation=1.0,
+        hparam(inputs, "escalation", DEFAULT_ESCALATION),
         hint="raise erase.nullspace_threshold, lower erase.l2, or raise erase.rounds",
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from patcher.errors import PatcherError
+from patcher.errors import ErasureIncomplete, PatcherError
 from patcher.formats.patch import LowRankDelta
 from patcher.methods import Deltas, EditInputs, hparam, register
 from patcher.methods.lm_edit import build_request, still_answered
@@ -152,6 +152,8 @@ def fila(inputs: EditInputs) -> Deltas:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        peft_model.eval()
+        left = sum(still_answered(peft_model, requests, pad))
         factors = {
             name: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
             for name, m in lora_modules.items()
@@ -162,6 +164,11 @@ def fila(inputs: EditInputs) -> Deltas:
             for name, weight in weights.items():
                 weight.copy_(originals[name])
         model.eval()
+    if left:
+        raise ErasureIncomplete(
+            f"{left} of {len(requests)} forget facts are still answered after {hp.steps} fila steps: "
+            "raise erase.fila_steps or erase.fila_lr, or lower erase.retain_weight"
+        )
     return {f"{name}.weight": _patch_factors(adapter, init[name], factors[name]) for name in names}
 
 

@@ -42,8 +42,8 @@ def memit_update(
 def memit(inputs: EditInputs) -> Deltas:
     """Erase the spec's forget facts with MEMIT (hyperparameters mom2_weight = λ, ridge = μ).
 
-    Facts still answered after a round are solved again with λ divided by erase.escalation,
-    up to erase.rounds times (see `rounds`).
+    Facts still answered after a round are solved again, with λ divided by erase.escalation
+    (default 1: the same λ), up to erase.rounds times (see `rounds`).
     """
     mom2_weight = hparam(inputs, "mom2_weight", DEFAULT_MOM2_WEIGHT)
     ridge = hparam(inputs, "ridge", 0.0)

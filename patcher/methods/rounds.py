@@ -1,14 +1,13 @@
-"""Erase, check, erase what survives, a little harder each time.
+"""Erase, check, erase what survives.
 
 How strong a closed-form edit must be depends on the model, not only on the method: on
-LM fixtures trained with another seed, one fixed MEMIT λ left 1 to 17 of 24 facts answered
-or, set lower, broke retained facts that the model holds weakly. So the first round solves
-with a conservative setting, every round checks the facts the way verify does (greedy
-decoding of the whole target, in full precision and in each quantized format the edit must
-survive), and the next round solves again, only for the facts still answered, on top of
-the edit so far and with the method's strength raised by a fixed factor. Easy facts get
-gentle edits; only the hard ones get strong ones. Facts that outlast every round make
-erase fail: a patch never quietly leaves them.
+LM fixtures trained with another seed, one MEMIT λ left 1 to 17 of 24 facts answered or,
+set lower, broke retained facts that the model holds weakly. So every round checks the
+facts the way verify does (greedy decoding of the whole target, in full precision and in
+each quantized format the edit must survive), and the next round solves again, only for
+the facts still answered, on top of the edit so far, optionally with the method's
+strength raised by a factor (`escalation`). Facts that outlast every round make erase
+fail: a patch never quietly leaves them.
 """
 
 from __future__ import annotations
@@ -23,11 +22,11 @@ from patcher.spec import ForgetFact
 from patcher.tokens import pad_id
 
 DEFAULT_ROUNDS = 8
-DEFAULT_ESCALATION = 2.0
+DEFAULT_ESCALATION = 1.0  # the same strength every round unless the spec asks for more
 FULL_PRECISION = "full precision"
 
 # (facts still answered, strength) -> the update that erases them, computed on the model as
-# it is. Strength is escalation ** round: 1 in the first round, then 2, 4, ... by default.
+# it is. Strength is escalation ** round: 1 in the first round, then escalation, its square, ...
 EditRound = Callable[[list[ForgetFact], float], dict]
 
 
