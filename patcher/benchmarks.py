@@ -12,6 +12,7 @@ SUITES = {
     "kernels": ("second_moment.py", "fisher_diag.py", "attention_stats.py"),
     "e2e": ("e2e.py", "stats.py", "apply.py"),
     "quantization": ("quantization.py",),
+    "perturbed": ("perturbed.py",),
 }
 
 

@@ -334,7 +334,7 @@ def release(spec_path: Path, out: Path, as_json: bool, trust_remote_code: bool) 
 
 
 @main.command()
-@click.argument("suite", type=click.Choice(["kernels", "e2e", "quantization"]))
+@click.argument("suite", type=click.Choice(["kernels", "e2e", "quantization", "perturbed"]))
 @click.option("--quick", is_flag=True, help="tiny shapes: checks that the benchmarks run, measures nothing")
 def bench(suite: str, quick: bool) -> None:
     """Run bench/ (from a source checkout): providers side by side, tables printed, CSV under bench/results."""
