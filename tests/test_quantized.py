@@ -95,7 +95,8 @@ def test_solve_in_box_on_subspace_matches_a_general_qp_solver():
         {"type": "ineq", "fun": lambda flat: (flat.reshape(2, 3) @ basis.T - lower).ravel()},
         {"type": "ineq", "fun": lambda flat: (upper - flat.reshape(2, 3) @ basis.T).ravel()},
     ]
-    reference = minimize(objective, np.zeros(6), constraints=box, method="SLSQP", options={"ftol": 1e-14})
+    # At ftol 1e-14, scipy 1.17 ends in a line-search stop at the same optimum; 1e-12 converges cleanly.
+    reference = minimize(objective, np.zeros(6), constraints=box, method="SLSQP", options={"ftol": 1e-12})
     assert reference.success
     as_torch = [torch.from_numpy(a) for a in (system, rhs, basis, lower, upper)]
     delta = solve_in_box_on_subspace(*as_torch, iterations=20000).numpy()
