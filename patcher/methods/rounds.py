@@ -1,8 +1,8 @@
 """Erase, check, erase what survives.
 
 How strong a closed-form edit must be depends on the model, not only on the method: on
-LM fixtures trained with another seed, one MEMIT λ left 1 to 17 of 24 facts answered or,
-set lower, broke retained facts that the model holds weakly. So every round checks the
+LM fixtures trained with another seed or for longer, one MEMIT λ left 1 to 17 of 24 facts
+answered or, set lower, broke retained facts that the model holds weakly. So every round checks the
 facts the way verify does (greedy decoding of the whole target, in full precision and in
 each quantized format the edit must survive), and the next round solves again, only for
 the facts still answered, on top of the edit so far, optionally with the method's
@@ -13,6 +13,7 @@ fail: a patch never quietly leaves them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import ErasureIncomplete
@@ -75,14 +76,10 @@ def answered_where(model, tokenizer, facts: list[ForgetFact], formats: tuple[str
     requests = [build_request(tokenizer, fact) for fact in facts]
     pad = pad_id(tokenizer)
     where: list[list[str]] = [[] for _ in facts]
-    hits = still_answered(model, requests, pad)
-    for fmt in formats:
-        with fake_quantized(model, fmt):
-            hits_in_format = still_answered(model, requests, pad)
-        for places, hit in zip(where, hits_in_format, strict=True):
+    for name in (FULL_PRECISION, *formats):
+        with nullcontext() if name == FULL_PRECISION else fake_quantized(model, name):
+            hits = still_answered(model, requests, pad)
+        for places, hit in zip(where, hits, strict=True):
             if hit:
-                places.append(fmt)
-    for places, hit in zip(where, hits, strict=True):
-        if hit:
-            places.insert(0, FULL_PRECISION)
+                places.append(name)
     return where
