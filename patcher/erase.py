@@ -11,7 +11,7 @@ from patcher.errors import PatcherError
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.patch import Patch
 from patcher.locate import locate
-from patcher.methods import EditInputs, get_method
+from patcher.methods import EditInputs, calibration, get_method
 from patcher.methods.lm_edit import auto_layers
 from patcher.methods.robust import Robustness
 from patcher.models import (
@@ -31,7 +31,7 @@ from patcher.stats import (
     stats_cache_key,
 )
 
-ROBUST_METHODS = ("memit", "alphaedit")
+ROBUST_METHODS = calibration.METHODS
 PIPELINE_METHODS = ("uce", "rece")
 CLASSIFIER_METHODS = ("ssd",)
 # Methods that read data through the spec instead of the key statistics.
@@ -114,7 +114,14 @@ def erase(
         moments = SecondMoments.load(stats)
     else:
         moments = cached_second_moments(folder, adapter, tokenizer, spec.corpus, layers)
-    deltas = edit(EditInputs(adapter, tokenizer, spec, moments, layers, tuple(robust_to)))
+
+    def edit_with(edit_spec: Spec):
+        return edit(EditInputs(adapter, tokenizer, edit_spec, moments, layers, tuple(robust_to)))
+
+    if method_name in calibration.METHODS and spec.retain and spec.hparams.get("calibrate", True):
+        deltas = calibration.calibrated(spec, method_name, adapter, tokenizer, edit_with, tuple(robust_to))
+    else:
+        deltas = edit_with(spec)
     return _patch(folder, deltas, method_name, spec)
 
 

@@ -14,15 +14,28 @@ from patcher.tokens import right_padded
 
 
 @torch.no_grad()
-def reproduces(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int = 64) -> list[bool]:
-    """For each (prompt ids, target ids): would greedy decoding produce every target token?"""
+def target_leads(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int = 64) -> list[float]:
+    """For each (prompt ids, target ids): the smallest lead, over the target's positions, of
+    the target token's logit over the best other token's.
+
+    Positive exactly when greedy decoding produces every target token; a fact whose lead is
+    below -m is erased with a margin of m nats at one of its tokens at least.
+    """
     device = model.device  # transformers, peft and patcher's onnxruntime models all say where they run
-    results: list[bool] = []
+    leads: list[float] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         ids, mask = right_padded([p + t[:-1] for p, t in chunk], pad)
-        predicted = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         for row, (prompt, target) in enumerate(chunk):
             positions = torch.arange(len(prompt) - 1, len(prompt) + len(target) - 1)
-            results.append(bool((predicted[row, positions] == torch.tensor(target)).all()))
-    return results
+            scores = logits[row, positions]
+            wanted = scores.gather(1, torch.tensor(target).view(-1, 1)).squeeze(1)
+            others = scores.scatter(1, torch.tensor(target).view(-1, 1), float("-inf")).amax(1)
+            leads.append(float((wanted - others).min()))
+    return leads
+
+
+def reproduces(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int = 64) -> list[bool]:
+    """For each (prompt ids, target ids): would greedy decoding produce every target token?"""
+    return [lead > 0 for lead in target_leads(model, encoded, pad, batch_size)]

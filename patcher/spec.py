@@ -29,6 +29,8 @@ ERASE_HPARAMS = {
     "batch_size": int,
     "rounds": int,
     "escalation": (int, float),
+    "margin": (int, float),
+    "calibrate": bool,
     "context_templates": int,
     "ga_lr": (int, float),
     "ga_steps": int,
@@ -266,7 +268,8 @@ def _check_table(table: dict, schema: dict[str, Any], name: str, where: str) -> 
     for key, value in table.items():
         if key not in schema:
             raise PatcherError(f"{where}: unknown key '{name}.{key}'; known keys of {name}: {', '.join(schema)}")
-        if isinstance(value, bool) or not isinstance(value, schema[key]):
+        expected = schema[key]
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
             raise PatcherError(f"{where}: '{name}.{key}' has the wrong type ({type(value).__name__})")
 
 

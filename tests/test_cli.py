@@ -25,7 +25,9 @@ def assert_bad_input(result: subprocess.CompletedProcess, fragment: str) -> None
 @pytest.fixture(scope="module")
 def patch_file(lm_fixture, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("patch") / "memit.safetensors"
-    result = run_cli("erase", str(lm_fixture), "--spec", str(lm_fixture / "spec.toml"), "--out", str(out))
+    result = run_cli(
+        "erase", str(lm_fixture), "--spec", str(lm_fixture / "spec.toml"), "--method", "memit", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     return out
 

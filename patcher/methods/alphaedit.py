@@ -12,7 +12,7 @@ from patcher.methods import Deltas, EditInputs, hparam, register
 from patcher.methods.linalg import guarded_solve
 from patcher.methods.lm_edit import TargetHparams, accumulate, deltas_applied, edit_layers
 from patcher.methods.robust import Robustness, box_solver
-from patcher.methods.rounds import DEFAULT_ROUNDS, erase_in_rounds
+from patcher.methods.rounds import DEFAULT_MARGIN, DEFAULT_ROUNDS, erase_in_rounds
 
 DEFAULT_NULLSPACE_THRESHOLD = 1e-2
 DEFAULT_L2 = 10.0
@@ -127,5 +127,6 @@ def alphaedit(inputs: EditInputs) -> Deltas:
         robust,
         hparam(inputs, "rounds", DEFAULT_ROUNDS),
         hparam(inputs, "escalation", DEFAULT_ESCALATION),
+        margin=hparam(inputs, "margin", DEFAULT_MARGIN),
         hint="raise erase.nullspace_threshold, lower erase.l2, or raise erase.rounds",
     )

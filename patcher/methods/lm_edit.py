@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.progress import progress
-from patcher.scoring import reproduces
+from patcher.scoring import target_leads
 from patcher.spec import ForgetFact
 from patcher.tokens import encode_prompt, encode_target, pad_id, right_padded
 
@@ -276,9 +276,12 @@ def target_value(
     return original + delta.detach().double()
 
 
-def still_answered(model, requests: list[EditRequest], pad: int) -> list[bool]:
-    """Whether greedy decoding still reproduces each request's full target (the edit's goal)."""
-    return reproduces(model, [(r.prompt_ids, r.target_ids) for r in requests], pad)
+def still_answered(model, requests: list[EditRequest], pad: int, margin: float = 0.0) -> list[bool]:
+    """Whether greedy decoding still reproduces each request's full target, or would after a
+    logit shift of `margin` nats in the target's favour (an erasure without that margin can
+    come back in a format whose arithmetic differs)."""
+    leads = target_leads(model, [(r.prompt_ids, r.target_ids) for r in requests], pad)
+    return [lead > -margin for lead in leads]
 
 
 def edit_layers(

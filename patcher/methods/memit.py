@@ -8,7 +8,7 @@ from patcher.methods import Deltas, EditInputs, hparam, register
 from patcher.methods.linalg import guarded_solve
 from patcher.methods.lm_edit import TargetHparams, edit_layers
 from patcher.methods.robust import Robustness, box_solver
-from patcher.methods.rounds import DEFAULT_ESCALATION, DEFAULT_ROUNDS, erase_in_rounds
+from patcher.methods.rounds import DEFAULT_ESCALATION, DEFAULT_MARGIN, DEFAULT_ROUNDS, erase_in_rounds
 
 DEFAULT_MOM2_WEIGHT = 15000.0
 
@@ -74,5 +74,6 @@ def memit(inputs: EditInputs) -> Deltas:
         inputs.robust_to,
         hparam(inputs, "rounds", DEFAULT_ROUNDS),
         hparam(inputs, "escalation", DEFAULT_ESCALATION),
+        margin=hparam(inputs, "margin", DEFAULT_MARGIN),
         hint="raise erase.rounds or erase.escalation, or edit more layers",
     )

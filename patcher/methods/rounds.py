@@ -24,6 +24,7 @@ from patcher.tokens import pad_id
 
 DEFAULT_ROUNDS = 8
 DEFAULT_ESCALATION = 1.0  # the same strength every round unless the spec asks for more
+DEFAULT_MARGIN = 1.0
 FULL_PRECISION = "full precision"
 
 # (facts still answered, strength) -> the update that erases them, computed on the model as
@@ -40,6 +41,7 @@ def erase_in_rounds(
     rounds: int = DEFAULT_ROUNDS,
     escalation: float = DEFAULT_ESCALATION,
     hint: str = "",
+    margin: float = DEFAULT_MARGIN,
 ) -> dict:
     """Edit `facts` until none is answered in full precision or any of `formats`.
 
@@ -55,7 +57,7 @@ def erase_in_rounds(
         with deltas_applied(model, total):
             accumulate(total, edit_round(remaining, escalation**round_index))
         with deltas_applied(model, total):
-            survivors = answered_where(model, tokenizer, facts, formats)
+            survivors = answered_where(model, tokenizer, facts, formats, margin)
         remaining = [fact for fact, where in zip(facts, survivors, strict=True) if where]
         if not remaining:
             return total
@@ -70,15 +72,18 @@ def erase_in_rounds(
     )
 
 
-def answered_where(model, tokenizer, facts: list[ForgetFact], formats: tuple[str, ...]) -> list[list[str]]:
-    """For each fact, where greedy decoding of its prompt still produces the target: "full
-    precision" and/or the named quantized formats (exact fake quantization)."""
+def answered_where(
+    model, tokenizer, facts: list[ForgetFact], formats: tuple[str, ...], margin: float = 0.0
+) -> list[list[str]]:
+    """For each fact, where greedy decoding of its prompt still produces the target, or comes
+    within `margin` nats of it: "full precision" and/or the named quantized formats (exact
+    fake quantization)."""
     requests = [build_request(tokenizer, fact) for fact in facts]
     pad = pad_id(tokenizer)
     where: list[list[str]] = [[] for _ in facts]
     for name in (FULL_PRECISION, *formats):
         with nullcontext() if name == FULL_PRECISION else fake_quantized(model, name):
-            hits = still_answered(model, requests, pad)
+            hits = still_answered(model, requests, pad, margin)
         for places, hit in zip(where, hits, strict=True):
             if hit:
                 places.append(name)

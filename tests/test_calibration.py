@@ -1,0 +1,116 @@
+"""Calibration picks the gentlest-needed rung on the retain split; target leads match logits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from patcher.adapters import causal_lm_adapter
+from patcher.errors import ErasureIncomplete
+from patcher.methods import calibration
+from patcher.methods.alphaedit import DEFAULT_L2
+from patcher.methods.lm_edit import deltas_applied
+from patcher.methods.memit import DEFAULT_MOM2_WEIGHT
+from patcher.scoring import reproduces, target_leads
+from patcher.spec import load_spec
+from patcher.tokens import encode_prompt, encode_target, pad_id
+
+
+def test_ladder_gets_gentler_from_the_spec_values():
+    rungs = calibration.ladder("alphaedit", {"l2": 2.0, "rounds": 3})
+    assert rungs == [
+        {"l2": 2.0, "rounds": 3},
+        {"l2": 2.0, "rounds": 3, "margin": 0.5},
+        {"l2": 8.0, "rounds": 3, "margin": 0.5},
+    ]
+    assert calibration.ladder("memit", {"margin": 3.0})[2] == {"mom2_weight": 4 * DEFAULT_MOM2_WEIGHT, "margin": 1.5}
+    assert calibration.ladder("alphaedit", {})[2] == {"l2": 4 * DEFAULT_L2, "margin": 0.5}
+
+
+def test_calibration_split_is_every_other_fact():
+    assert calibration.calibration_split(list(range(7))) == [0, 2, 4, 6]
+
+
+@pytest.fixture(scope="module")
+def loaded(lm_fixture):
+    model = AutoModelForCausalLM.from_pretrained(lm_fixture, dtype=torch.float32).eval()
+    return causal_lm_adapter(model), AutoTokenizer.from_pretrained(lm_fixture), load_spec(lm_fixture / "spec.toml")
+
+
+def _wrecking(adapter) -> dict:
+    """Deltas that zero the first layer's down-projection: most retained facts go."""
+    name = adapter.weight_name(0)
+    return {name: -dict(adapter.model.named_parameters())[name].detach().clone()}
+
+
+def test_calibrated_returns_the_first_rung_that_keeps_the_split(loaded):
+    adapter, tokenizer, spec = loaded
+    seen: list[dict] = []
+
+    def edit(rung_spec):
+        seen.append(rung_spec.hparams)
+        return _wrecking(adapter) if len(seen) == 1 else {}
+
+    deltas = calibration.calibrated(spec, "alphaedit", adapter, tokenizer, edit, ("nf4",))
+    assert deltas == {}
+    assert seen == calibration.ladder("alphaedit", spec.hparams)[:2]
+
+
+def test_calibrated_skips_incomplete_rungs_and_raises_when_none_completes(loaded):
+    adapter, tokenizer, spec = loaded
+
+    def never(rung_spec):
+        raise ErasureIncomplete(f"left at l2 {rung_spec.hparams['l2']}")
+
+    with pytest.raises(ErasureIncomplete, match="left at l2 4.0"):  # the last rung's
+        calibration.calibrated(spec, "alphaedit", adapter, tokenizer, never, ())
+
+
+def test_calibrated_warns_and_keeps_the_best_when_no_rung_keeps_the_split(loaded):
+    adapter, tokenizer, spec = loaded
+    name, weight = next(iter(_wrecking(adapter).items()))
+    candidates = [{name: weight}, ErasureIncomplete("x"), {name: 0.7 * weight}]
+    calls = iter(candidates)
+
+    def edit(rung_spec):
+        result = next(calls)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    facts = calibration.calibration_split(spec.retain)
+    encoded = [(encode_prompt(tokenizer, f.prompt), encode_target(tokenizer, f.target)) for f in facts]
+    pad = pad_id(tokenizer)
+    base = reproduces(adapter.model, encoded, pad)
+    shares = []
+    for deltas in (candidates[0], candidates[2]):
+        with deltas_applied(adapter.model, deltas):
+            shares.append(calibration.kept_share(adapter.model, pad, encoded, base, ()))
+    assert shares[0] < shares[1] < 1.0
+
+    strict = dataclasses.replace(spec, gates=dataclasses.replace(spec.gates, min_retain_ratio=1.0))
+    with pytest.warns(UserWarning, match=f"keeps {shares[1]:.3f}"):
+        chosen = calibration.calibrated(strict, "alphaedit", adapter, tokenizer, edit, ())
+    assert chosen is candidates[2]
+
+
+def test_target_leads_match_per_fact_logits(loaded):
+    adapter, tokenizer, spec = loaded
+    model, pad = adapter.model, pad_id(tokenizer)
+    facts = [*spec.retain[:6], *spec.forget[:6]]
+    encoded = [(encode_prompt(tokenizer, f.prompt), encode_target(tokenizer, f.target)) for f in facts]
+    leads = target_leads(model, encoded, pad)
+    with torch.no_grad():
+        for lead, (prompt, target) in zip(leads, encoded, strict=True):
+            logits = model(input_ids=torch.tensor([prompt + target[:-1]])).logits[0, len(prompt) - 1 :]
+            gaps = []
+            for position, token in enumerate(target):
+                row = logits[position].clone()
+                wanted = row[token].item()
+                row[token] = float("-inf")
+                gaps.append(wanted - row.max().item())
+            assert lead == pytest.approx(min(gaps), abs=1e-4)
+    assert reproduces(model, encoded, pad) == [lead > 0 for lead in leads]
