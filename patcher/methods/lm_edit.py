@@ -284,6 +284,12 @@ def still_answered(model, requests: list[EditRequest], pad: int, margin: float =
     return [lead > -margin for lead in leads]
 
 
+def require_facts(facts: list[ForgetFact]) -> None:
+    """A one-line error for a spec with nothing to erase."""
+    if not facts:
+        raise PatcherError("the spec has no [[forget]] facts: add at least one fact to erase")
+
+
 def edit_layers(
     adapter: CausalLMAdapter,
     tokenizer,
@@ -299,8 +305,7 @@ def edit_layers(
     layers still to edit. Returns param name -> delta in the parameter's layout; the
     model's weights are restored before returning.
     """
-    if not facts:
-        raise PatcherError("the spec has no [[forget]] facts: add at least one fact to erase")
+    require_facts(facts)
     if max(layers) >= adapter.num_layers:
         raise PatcherError(f"layer {max(layers)} does not exist: the model has {adapter.num_layers} layers")
     model, pad = adapter.model, pad_id(tokenizer)

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import ErasureIncomplete
 from patcher.formats.quantized import fake_quantized
-from patcher.methods.lm_edit import accumulate, build_request, deltas_applied, still_answered
+from patcher.methods.lm_edit import accumulate, build_request, deltas_applied, require_facts, still_answered
 from patcher.spec import ForgetFact
 from patcher.tokens import pad_id
 
@@ -49,6 +49,7 @@ def erase_in_rounds(
     at `escalation` times the previous round's strength. Raises ErasureIncomplete, naming
     how many facts survive and where, after `rounds`.
     """
+    require_facts(facts)
     model = adapter.model
     total: dict = {}
     remaining = list(facts)
