@@ -21,7 +21,7 @@ def test_erase_on_a_fixture_trained_with_another_seed_erases_or_exits_1(lm_fixtu
     run_cli("fixture", "lm", "--seed", "2", "--out", str(fixture))
     other, default = load_file(fixture / "model.safetensors"), load_file(lm_fixture / "model.safetensors")
     assert any((other[name] != default[name]).any() for name in default)  # really another model
-    forget, _, _ = spec_facts(load_spec(fixture / "spec.toml"))
+    forget, paraphrases, retain = spec_facts(load_spec(fixture / "spec.toml"))
     assert generate_accuracy(fixture, forget) >= 0.95
 
     patch = tmp_path / "patch.safetensors"
@@ -36,3 +36,5 @@ def test_erase_on_a_fixture_trained_with_another_seed_erases_or_exits_1(lm_fixtu
     assert result.returncode == 0, result.stderr
     export_patched(fixture, patch, "safetensors", tmp_path / "patched")
     assert generate_accuracy(tmp_path / "patched", forget) <= 0.05
+    assert generate_accuracy(tmp_path / "patched", paraphrases) <= 0.2
+    assert generate_accuracy(tmp_path / "patched", retain) >= 0.95 * generate_accuracy(fixture, retain)
