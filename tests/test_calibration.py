@@ -17,6 +17,7 @@ from patcher.methods.memit import DEFAULT_MOM2_WEIGHT
 from patcher.scoring import reproduces, target_leads
 from patcher.spec import load_spec
 from patcher.tokens import encode_prompt, encode_target, pad_id
+from patcher.verification.facts import answered
 
 
 def test_ladder_gets_gentler_from_the_spec_values():
@@ -81,14 +82,12 @@ def test_calibrated_warns_and_keeps_the_best_when_no_rung_keeps_the_split(loaded
             raise result
         return result
 
-    facts = calibration.calibration_split(spec.retain)
-    encoded = [(encode_prompt(tokenizer, f.prompt), encode_target(tokenizer, f.target)) for f in facts]
-    pad = pad_id(tokenizer)
-    base = reproduces(adapter.model, encoded, pad)
+    facts = [(f.prompt, f.target) for f in calibration.calibration_split(spec.retain)]
+    base = answered(adapter.model, tokenizer, facts)
     shares = []
     for deltas in (candidates[0], candidates[2]):
         with deltas_applied(adapter.model, deltas):
-            shares.append(calibration.kept_share(adapter.model, pad, encoded, base, ()))
+            shares.append(calibration.kept_share(adapter.model, tokenizer, facts, base, ()))
     assert shares[0] < shares[1] < 1.0
 
     strict = dataclasses.replace(spec, gates=dataclasses.replace(spec.gates, min_retain_ratio=1.0))

@@ -12,7 +12,7 @@ fail: a patch never quietly leaves them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
 from patcher.adapters import CausalLMAdapter
@@ -82,10 +82,17 @@ def answered_where(
     requests = [build_request(tokenizer, fact) for fact in facts]
     pad = pad_id(tokenizer)
     where: list[list[str]] = [[] for _ in facts]
-    for name in (FULL_PRECISION, *formats):
-        with nullcontext() if name == FULL_PRECISION else fake_quantized(model, name):
-            hits = still_answered(model, requests, pad, margin)
+    for name in in_each_format(model, formats):
+        hits = still_answered(model, requests, pad, margin)
         for places, hit in zip(where, hits, strict=True):
             if hit:
                 places.append(name)
     return where
+
+
+def in_each_format(model, formats: tuple[str, ...]) -> Iterator[str]:
+    """Yield "full precision", then each of `formats` with the model fake-quantized to it
+    until the next step of the loop."""
+    for name in (FULL_PRECISION, *formats):
+        with nullcontext() if name == FULL_PRECISION else fake_quantized(model, name):
+            yield name
