@@ -14,6 +14,7 @@ from patcher.methods import calibration
 from patcher.methods.alphaedit import DEFAULT_L2
 from patcher.methods.lm_edit import deltas_applied
 from patcher.methods.memit import DEFAULT_MOM2_WEIGHT
+from patcher.methods.protect import seen_by_erase
 from patcher.scoring import reproduces, target_leads
 from patcher.spec import load_spec
 from patcher.tokens import encode_prompt, encode_target, pad_id
@@ -31,8 +32,8 @@ def test_ladder_gets_gentler_from_the_spec_values():
     assert calibration.ladder("alphaedit", {})[2] == {"l2": 4 * DEFAULT_L2, "margin": 0.5}
 
 
-def test_calibration_split_is_every_other_fact():
-    assert calibration.calibration_split(list(range(7))) == [0, 2, 4, 6]
+def test_erase_sees_every_other_retain_fact():
+    assert seen_by_erase(list(range(7))) == [0, 2, 4, 6]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_calibrated_warns_and_keeps_the_best_when_no_rung_keeps_the_split(loaded
             raise result
         return result
 
-    facts = [(f.prompt, f.target) for f in calibration.calibration_split(spec.retain)]
+    facts = [(f.prompt, f.target) for f in seen_by_erase(spec.retain)]
     base = answered(adapter.model, tokenizer, facts)
     shares = []
     for deltas in (candidates[0], candidates[2]):

@@ -11,6 +11,7 @@ from patcher.errors import PatcherError
 from patcher.methods import Deltas, EditInputs, hparam, register
 from patcher.methods.linalg import guarded_solve
 from patcher.methods.lm_edit import TargetHparams, accumulate, deltas_applied, edit_layers
+from patcher.methods.protect import protected_moments
 from patcher.methods.robust import Robustness, box_solver
 from patcher.methods.rounds import DEFAULT_MARGIN, DEFAULT_ROUNDS, erase_in_rounds
 
@@ -48,8 +49,8 @@ def alphaedit_update(
     """Δ = R Kᵀ P (P (K Kᵀ + K_p K_pᵀ) + l2·I)⁻ᵀ, solved in float64.
 
     keys K (d_k, n), residuals R (d_model, n), projector P (d_k, d_k), previous = K_p K_pᵀ
-    of the keys edited in earlier batches. The result satisfies Δ = Δ P: it acts only on
-    the null space of the corpus keys.
+    of the keys edited in earlier batches plus the protected retain keys (`protect`). The
+    result satisfies Δ = Δ P: it acts only on the null space of the corpus keys.
     """
     keys, residuals = keys.double(), residuals.double()
     projector, previous = projector.double(), previous.double()
@@ -94,7 +95,8 @@ def alphaedit(inputs: EditInputs) -> Deltas:
             projectors[layer] = bases[layer] @ bases[layer].T
 
     use_threshold(threshold)
-    previous = {layer: torch.zeros_like(p) for layer, p in projectors.items()}
+    # Keys whose outputs later solves must keep: the protected retain keys, then each batch's.
+    previous = protected_moments(inputs)
 
     def update(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         solved = alphaedit_update(keys, residuals, projectors[layer], previous[layer], l2)

@@ -1,13 +1,16 @@
-"""Choose how gently a closed-form edit acts, on a split of the spec's retain facts.
+"""Choose how gently a closed-form edit acts, on the half of the retain facts erase sees.
 
 How many neighbouring facts an erasure takes with it depends on the model build as much as
 on the settings: on LM fixtures trained with other seeds, one AlphaEdit setting kept
-0.88-0.90 of the retained facts on one build and 0.96-0.97 on another, and the setting that did best moved
-from build to build (docs/reproducibility.md). So erase tries a short ladder of settings,
-each gentler than the one before, and keeps the first patch that erases every forget fact
-and keeps the calibration split (every other retain fact) halfway between the spec's retain
-gate and 1, in full precision and in every `--robust-to` format. Paraphrases are never
-looked at here; verify grades every retain fact, half of them unseen until then.
+0.88-0.90 of the retained facts on one build and 0.96-0.97 on another, and the setting
+that did best moved from build to build (docs/reproducibility.md). So erase tries a short
+ladder of settings, each gentler than the one before, and keeps the first patch that
+erases every forget fact and keeps the retain facts erase sees (every other one,
+`protect.seen_by_erase`) at the spec's retain gate, in full precision and in every
+`--robust-to` format. Each rung erases less firmly than the one before (a smaller margin,
+then also a larger preservation weight), so the first rung that holds the gate is the
+firmest erasure that does. Paraphrases are never looked at here; verify grades every
+retain fact, half of them unseen until then.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from collections.abc import Callable
 from patcher.errors import ErasureIncomplete
 from patcher.methods import Deltas, alphaedit, memit
 from patcher.methods.lm_edit import deltas_applied
+from patcher.methods.protect import seen_by_erase
 from patcher.methods.rounds import DEFAULT_MARGIN, in_each_format
-from patcher.spec import RetainFact, Spec
+from patcher.spec import Spec
 from patcher.verification.facts import answered
 
 # The [erase] key that weighs what the statistics preserve, per method, and its default.
@@ -35,11 +39,6 @@ def ladder(method: str, hparams: dict) -> list[dict]:
     key, default = PRESERVATION[method]
     closer = {**hparams, "margin": 0.5 * hparams.get("margin", DEFAULT_MARGIN)}
     return [dict(hparams), closer, {**closer, key: 4 * hparams.get(key, default)}]
-
-
-def calibration_split(retain: list[RetainFact]) -> list[RetainFact]:
-    """Every other retain fact, from the first: the facts calibration may look at."""
-    return retain[::2]
 
 
 def kept_share(model, tokenizer, facts: list[tuple[str, str]], base: list[bool], formats: tuple[str, ...]) -> float:
@@ -58,17 +57,15 @@ def kept_share(model, tokenizer, facts: list[tuple[str, str]], base: list[bool],
 def calibrated(
     spec: Spec, method: str, adapter, tokenizer, edit: Callable[[Spec], Deltas], formats: tuple[str, ...]
 ) -> Deltas:
-    """The first rung's deltas that erase every fact and keep the calibration split above the
-    spec's retain gate, halfway to 1; else those of the completed rung that keeps most, with a warning.
+    """The first rung's deltas that erase every fact and keep the seen retain facts at the
+    spec's retain gate; else those of the completed rung that keeps most, with a warning.
 
     `edit` runs the method on a spec. Raises the last ErasureIncomplete when no rung erases
     every fact.
     """
-    facts = [(f.prompt, f.target) for f in calibration_split(spec.retain)]
+    facts = [(f.prompt, f.target) for f in seen_by_erase(spec.retain)]
     base = answered(adapter.model, tokenizer, facts)
-    # Halfway between the gate and 1: the split is half the facts, and the other half must
-    # pass the gate too, unseen.
-    wanted = (1 + spec.gates.min_retain_ratio) / 2
+    wanted = spec.gates.min_retain_ratio
     best: tuple[float, Deltas] | None = None
     failure: ErasureIncomplete | None = None
     for hparams in ladder(method, spec.hparams):
@@ -86,8 +83,7 @@ def calibrated(
     if best is None:
         raise failure
     warnings.warn(
-        f"no setting tried kept {wanted:.3f} of the calibration split's retain facts: "
-        f"the patch keeps {best[0]:.3f} of them",
+        f"no setting tried kept {wanted:.3f} of the seen retain facts: the patch keeps {best[0]:.3f} of them",
         stacklevel=2,
     )
     return best[1]
