@@ -53,3 +53,16 @@ def classifier_fixture(tmp_path_factory) -> Path:
     from patcher.fixtures import build_fixture
 
     return build_fixture("classifier", tmp_path_factory.mktemp("fixture") / "classifier")
+
+
+@pytest.fixture(scope="session")
+def demo_run(lm_fixture, tmp_path_factory) -> tuple[Path, dict]:
+    """`patcher demo --json` run once: its output folder (patch, one folder per format,
+    report.json) and the report it printed. Several acceptance tests read this one run
+    instead of each erasing the fixture again."""
+    import json
+
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, json.loads(run_cli("demo", "--out", str(out), "--json").stdout)

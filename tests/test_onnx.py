@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import erase_with_cli, run_cli
+from helpers import run_cli
 from transformers import AutoModelForCausalLM
 
 from patcher.errors import PatcherError
@@ -57,18 +57,12 @@ def test_exported_lm_runs_in_onnxruntime_alone_and_matches_pytorch(lm_fixture, t
         assert np.abs(outputs[f"logits{i}"] - expected)[counted].max() <= 1e-4
 
 
-def test_onnx_int8_is_quantized_and_verify_reports_onnx_rows(lm_fixture, tmp_path):
-    patch, patched, report = tmp_path / "robust.safetensors", tmp_path / "patched", tmp_path / "report.json"
-    erase_with_cli(lm_fixture, "memit", patch, "--robust-to", "int8,nf4,fp4")
-    run_cli("export", str(lm_fixture), "--to", "onnx-int8", "--patch", str(patch), "--out", str(tmp_path / "int8"))
-    ops = {node.op_type for node in onnx.load(tmp_path / "int8" / "model.onnx").graph.node}
+@pytest.mark.slow
+def test_the_demos_onnx_int8_export_is_quantized_and_verify_reports_onnx_rows(demo_run):
+    out, report = demo_run
+    ops = {node.op_type for node in onnx.load(out / "onnx-int8" / "model.onnx").graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
-
-    run_cli("apply", str(lm_fixture), str(patch), "--out", str(patched))
-    spec = str(lm_fixture / "spec.toml")
-    run_cli("verify", "--base", str(lm_fixture), "--patched", str(patched), "--spec", spec,
-            "--formats", "safetensors,onnx,onnx-int8", "--report", str(report))  # fmt: skip
-    rows = json.loads(report.read_text())["formats"]
+    rows = report["formats"]
     assert rows["onnx"]["forget_accuracy"] == rows["safetensors"]["forget_accuracy"]
     for fmt in ("onnx", "onnx-int8"):
         assert rows[fmt]["forget_accuracy"] <= 0.05

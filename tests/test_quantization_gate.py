@@ -18,19 +18,15 @@ pytestmark = pytest.mark.slow
 FORMATS = ["int8", "nf4", "fp4"]
 
 
-@pytest.mark.parametrize("method", ["memit", "alphaedit"])
-def test_robust_erasure_holds_in_every_quantized_export(method, lm_fixture, tmp_path):
-    spec_path = lm_fixture / "spec.toml"
-    erase_with_cli(lm_fixture, method, tmp_path / "patch.safetensors", "--robust-to", ",".join(FORMATS))
-    forget, _, retain = spec_facts(load_spec(spec_path))
-    base_forget = generate_accuracy(lm_fixture, forget)
-    base_retain = generate_accuracy(lm_fixture, retain)
-
-    export_patched(lm_fixture, tmp_path / "patch.safetensors", "safetensors", tmp_path / "safetensors")
-    full_precision_forget = generate_accuracy(tmp_path / "safetensors", forget)
+def assert_erasure_holds_in_quantized_exports(base, exports) -> None:
+    """Each bitsandbytes folder under `exports` (beside its full-precision `safetensors/`)
+    loads in plain transformers and neither answers the forget facts nor loses retained ones."""
+    forget, _, retain = spec_facts(load_spec(base / "spec.toml"))
+    base_forget = generate_accuracy(base, forget)
+    base_retain = generate_accuracy(base, retain)
+    full_precision_forget = generate_accuracy(exports / "safetensors", forget)
     for fmt in FORMATS:
-        folder = tmp_path / fmt
-        export_patched(lm_fixture, tmp_path / "patch.safetensors", fmt, folder)
+        folder = exports / fmt
         config = json.loads((folder / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "bitsandbytes"
         model = AutoModelForCausalLM.from_pretrained(folder)
@@ -40,6 +36,18 @@ def test_robust_erasure_holds_in_every_quantized_export(method, lm_fixture, tmp_
         assert forget_accuracy <= 0.05, fmt
         assert recovery <= 0.05, fmt
         assert generate_accuracy(folder, retain) >= 0.95 * base_retain, fmt
+
+
+def test_robust_memit_erasure_holds_in_every_quantized_export(lm_fixture, tmp_path):
+    patch = tmp_path / "patch.safetensors"
+    erase_with_cli(lm_fixture, "memit", patch, "--robust-to", ",".join(FORMATS))
+    for fmt in ("safetensors", *FORMATS):
+        export_patched(lm_fixture, patch, fmt, tmp_path / fmt)
+    assert_erasure_holds_in_quantized_exports(lm_fixture, tmp_path)
+
+
+def test_the_demos_robust_alphaedit_erasure_holds_in_every_quantized_export(lm_fixture, demo_run):
+    assert_erasure_holds_in_quantized_exports(lm_fixture, demo_run[0])
 
 
 def test_verify_fails_on_the_ga_baseline_and_names_the_gate(lm_fixture, tmp_path):
