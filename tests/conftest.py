@@ -56,6 +56,17 @@ def classifier_fixture(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def memit_patch(lm_fixture, tmp_path_factory) -> Path:
+    """A MEMIT patch of the LM fixture's own spec, erased once through the CLI and read by
+    every test that needs a real patch (apply, inspect, PEFT export, the exported model)."""
+    from helpers import erase_with_cli
+
+    out = tmp_path_factory.mktemp("memit") / "memit.safetensors"
+    erase_with_cli(lm_fixture, "memit", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_run(lm_fixture, tmp_path_factory) -> tuple[Path, dict]:
     """`patcher demo --json` run once: its output folder (patch, one folder per format,
     report.json) and the report it printed. Several acceptance tests read this one run

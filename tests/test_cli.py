@@ -5,7 +5,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 from helpers import run_cli
 from safetensors.torch import load_file, save_file
@@ -20,16 +19,6 @@ def assert_bad_input(result: subprocess.CompletedProcess, fragment: str) -> None
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def patch_file(lm_fixture, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("patch") / "memit.safetensors"
-    result = run_cli(
-        "erase", str(lm_fixture), "--spec", str(lm_fixture / "spec.toml"), "--method", "memit", "--out", str(out)
-    )
-    assert result.returncode == 0, result.stderr
-    return out
 
 
 def edited_spec(lm_fixture: Path, tmp_path: Path, edit) -> Path:
@@ -75,35 +64,35 @@ def test_target_the_tokenizer_cannot_encode(lm_fixture, tmp_path):
     assert_bad_input(result, "'Zanzibar' has words the tokenizer cannot encode")
 
 
-def test_truncated_patch(lm_fixture, patch_file, tmp_path):
+def test_truncated_patch(lm_fixture, memit_patch, tmp_path):
     broken = tmp_path / "broken.safetensors"
-    broken.write_bytes(patch_file.read_bytes()[:200])
+    broken.write_bytes(memit_patch.read_bytes()[:200])
     result = run_cli("apply", str(lm_fixture), str(broken), "--out", str(tmp_path / "out"), expect=2)
     assert_bad_input(result, "not a readable patch file")
     assert not (tmp_path / "out").exists()
     assert_bad_input(run_cli("inspect", str(broken), expect=2), "not a readable patch file")
 
 
-def test_patch_for_another_model_is_refused(lm_fixture, patch_file, tmp_path):
+def test_patch_for_another_model_is_refused(lm_fixture, memit_patch, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(lm_fixture, other)
     weights = load_file(other / "model.safetensors")
     name = "model.layers.0.mlp.down_proj.weight"  # one of the tensors the patch edits
     weights[name] = weights[name] + 1e-3
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
-    result = run_cli("apply", str(other), str(patch_file), "--out", str(tmp_path / "out"), expect=2)
+    result = run_cli("apply", str(other), str(memit_patch), "--out", str(tmp_path / "out"), expect=2)
     assert_bad_input(result, "fingerprint mismatch")
     assert not (tmp_path / "out").exists()
-    forced = run_cli("apply", str(other), str(patch_file), "--out", str(tmp_path / "out"), "--force")
+    forced = run_cli("apply", str(other), str(memit_patch), "--out", str(tmp_path / "out"), "--force")
     assert forced.returncode == 0 and (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_apply_writes_a_folder_transformers_loads(lm_fixture, patch_file, tmp_path):
-    result = run_cli("apply", str(lm_fixture), str(patch_file), "--out", str(tmp_path / "patched"))
+def test_apply_writes_a_folder_transformers_loads(lm_fixture, memit_patch, tmp_path):
+    result = run_cli("apply", str(lm_fixture), str(memit_patch), "--out", str(tmp_path / "patched"))
     assert result.returncode == 0, result.stderr
     base = AutoModelForCausalLM.from_pretrained(lm_fixture)
     patched = AutoModelForCausalLM.from_pretrained(tmp_path / "patched")
-    deltas = load_file(patch_file)
+    deltas = load_file(memit_patch)
     for name, param in patched.named_parameters():
         expected = dict(base.named_parameters())[name].detach()
         if f"{name}.delta" in deltas:
@@ -112,8 +101,8 @@ def test_apply_writes_a_folder_transformers_loads(lm_fixture, patch_file, tmp_pa
     assert (tmp_path / "patched" / "tokenizer.json").is_file()
 
 
-def test_inspect_reports_the_patch(patch_file):
-    result = run_cli("inspect", str(patch_file), "--json")
+def test_inspect_reports_the_patch(memit_patch):
+    result = run_cli("inspect", str(memit_patch), "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["method"] == "memit"

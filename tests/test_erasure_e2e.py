@@ -7,19 +7,17 @@ evaluator, so the method cannot grade its own homework.
 import json
 
 import pytest
-from helpers import erase_with_cli, export_patched, generate_accuracy, run_cli, spec_facts
+from helpers import export_patched, generate_accuracy, run_cli, spec_facts
 
 from patcher.spec import dump_spec, load_spec
 
 pytestmark = pytest.mark.slow
 
 
-def test_memit_erasure_holds_in_the_exported_model(lm_fixture, tmp_path):
+def test_memit_erasure_holds_in_the_exported_model(lm_fixture, memit_patch, tmp_path):
     """AlphaEdit's export is checked the same way on the demo's run (test_quantization_gate)."""
-    method = "memit"
     spec_path = lm_fixture / "spec.toml"
-    erase_with_cli(lm_fixture, method, tmp_path / "patch.safetensors")
-    export_patched(lm_fixture, tmp_path / "patch.safetensors", "safetensors", tmp_path / "export")
+    export_patched(lm_fixture, memit_patch, "safetensors", tmp_path / "export")
 
     forget, paraphrases, retain = spec_facts(load_spec(spec_path))
     assert len(forget) >= 20 and len(retain) >= 100
@@ -45,7 +43,7 @@ def test_memit_erasure_holds_in_the_exported_model(lm_fixture, tmp_path):
         str(report),
     )
     data = json.loads(report.read_text())
-    assert data["passed"] and data["method"] == method
+    assert data["passed"] and data["method"] == "memit"
     assert set(data["formats"]["safetensors"]) >= {
         "forget_accuracy",
         "paraphrase_accuracy",

@@ -2,7 +2,7 @@
 
 import json
 
-from helpers import erase_with_cli, run_cli, spec_facts
+from helpers import run_cli, spec_facts
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -11,9 +11,8 @@ from patcher.spec import load_spec
 from patcher.verification.facts import accuracy
 
 
-def test_memit_patch_as_a_peft_adapter_keeps_the_erasure(lm_fixture, tmp_path):
-    patch_path, adapter = tmp_path / "memit.safetensors", tmp_path / "adapter"
-    erase_with_cli(lm_fixture, "memit", patch_path)
+def test_memit_patch_as_a_peft_adapter_keeps_the_erasure(lm_fixture, memit_patch, tmp_path):
+    patch_path, adapter = memit_patch, tmp_path / "adapter"
     result = run_cli("export", str(lm_fixture), "--to", "peft", "--patch", str(patch_path), "--out", str(adapter))
     assert "through peft: forget_accuracy" in result.stdout
     config = json.loads((adapter / "adapter_config.json").read_text())

@@ -80,8 +80,12 @@ def large_sharded(tmp_path_factory):
 
 
 def start(command: list[str]) -> subprocess.Popen:
+    """`patcher COMMAND` in its own process, with Ctrl-C delivered even when the test run
+    itself was started in the background (where the shell sets SIGINT to be ignored, and
+    children inherit that)."""
     return subprocess.Popen([sys.executable, "-m", "patcher", *command], cwd=tempfile.gettempdir(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for_temporary(parent, target_name: str, process: subprocess.Popen) -> None:
