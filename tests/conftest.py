@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -71,8 +72,6 @@ def demo_run(lm_fixture, tmp_path_factory) -> tuple[Path, dict]:
     """`patcher demo --json` run once: its output folder (patch, one folder per format,
     report.json) and the report it printed. Several acceptance tests read this one run
     instead of each erasing the fixture again."""
-    import json
-
     from helpers import run_cli
 
     out = tmp_path_factory.mktemp("demo") / "demo"
