@@ -1,28 +1,12 @@
-"""Protected retain keys: their moments from the model, and solves that leave them unmoved."""
+"""Protected retain keys: solves that leave them unmoved."""
 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_llama_config
 from test_solvers import random_problem
-from transformers import LlamaForCausalLM
 
-from patcher.adapters import causal_lm_adapter
 from patcher.methods.alphaedit import alphaedit_update
-from patcher.methods.lm_edit import keys_at, token_key_moments
 from patcher.methods.memit import memit_update
-
-
-def test_token_key_moments_sum_the_keys_at_every_unpadded_token():
-    torch.manual_seed(0)
-    adapter = causal_lm_adapter(LlamaForCausalLM(tiny_llama_config(hidden=16, intermediate=24, layers=2)).eval())
-    sequences, pad = [[5, 9, 11, 3], [7, 2]], 0
-    moments = token_key_moments(adapter, sequences, [0, 1], pad)
-    for layer in (0, 1):
-        # One position per run, each sequence alone: no padding anywhere.
-        keys = torch.cat([keys_at(adapter, layer, [s], [i], pad) for s in sequences for i in range(len(s))], dim=1)
-        assert keys.shape == (24, 6)
-        torch.testing.assert_close(moments[layer], keys @ keys.T, rtol=1e-5, atol=1e-6)
 
 
 def protected_problem(weight: float):

@@ -9,7 +9,7 @@ residuals R; that solve is the `LayerSolver` each method supplies.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -174,29 +174,6 @@ def layer_outputs_at(
         _run(adapter.model, sequences, pad)
     rows = torch.arange(len(sequences))
     return captured["h"][rows, torch.tensor(positions)].double().T.cpu()
-
-
-@torch.no_grad()
-def token_key_moments(
-    adapter: CausalLMAdapter, sequences: list[list[int]], layers: list[int], pad: int
-) -> dict[int, torch.Tensor]:
-    """Σ k kᵀ over the down-projection inputs at every token of `sequences`, per layer:
-    (d_k, d_k) float64, from one forward pass."""
-    _, mask = right_padded(sequences, pad)
-    moments: dict[int, torch.Tensor] = {}
-
-    def capture(layer: int):
-        def hook(module, args):
-            keys = args[0][mask.to(args[0].device).bool()].double().cpu()  # (tokens, d_k)
-            moments[layer] = keys.T @ keys
-
-        return hook
-
-    with ExitStack() as stack:
-        for layer in layers:
-            stack.enter_context(_hook(adapter.down_proj(layer), capture(layer), pre=True))
-        _run(adapter.model, sequences, pad)
-    return moments
 
 
 @torch.no_grad()

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from patcher.methods import EditInputs, hparam
-from patcher.methods.lm_edit import token_key_moments
 from patcher.spec import RetainFact
-from patcher.tokens import encode_prompt, pad_id
+from patcher.stats import collect_second_moments, corpus_batches
 
 DEFAULT_RETAIN_WEIGHT = 1.0
 
@@ -34,6 +33,6 @@ def protected_moments(inputs: EditInputs) -> dict[int, torch.Tensor]:
     if weight == 0 or not prompts:
         width = inputs.adapter.key_dim
         return {layer: torch.zeros(width, width, dtype=torch.float64) for layer in inputs.layers}
-    sequences = [encode_prompt(inputs.tokenizer, prompt) for prompt in prompts]
-    moments = token_key_moments(inputs.adapter, sequences, inputs.layers, pad_id(inputs.tokenizer))
-    return {layer: weight * moment for layer, moment in moments.items()}
+    adapter = inputs.adapter
+    moments = collect_second_moments(adapter, corpus_batches(inputs.tokenizer, prompts), inputs.layers)
+    return {layer: weight * moments.sums[adapter.down_proj_name(layer)].double().cpu() for layer in inputs.layers}
