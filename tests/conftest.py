@@ -13,6 +13,12 @@ from pathlib import Path
 _ROOT = str(Path(__file__).resolve().parent.parent)
 sys.path[:] = [p for p in sys.path if p not in ("", ".", _ROOT, os.getcwd())]
 
+# The CLI quiets the libraries' logs and bars through variables they read on import; tests
+# run the CLI in this process (helpers.run_cli), so they are set before anything imports them.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from helpers import run_cli
+from helpers import run_cli, run_cli_process
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -33,7 +33,8 @@ def edited_spec(lm_fixture: Path, tmp_path: Path, edit) -> Path:
 
 
 def test_missing_model_folder(lm_fixture, tmp_path):
-    result = run_cli(
+    """In a process of its own, where every library erase loads is imported fresh and may warn."""
+    result = run_cli_process(
         "erase",
         str(tmp_path / "nope"),
         "--spec",

@@ -1,10 +1,9 @@
 """The LM fixture: a real Hugging Face folder that knows its facts."""
 
-import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from patcher.fixtures import build_fixture, knowledge
-from patcher.fixtures.lm import all_fact_prompts
+from patcher.fixtures import knowledge, lm
 from patcher.spec import load_spec
 from patcher.verification.facts import accuracy
 
@@ -22,7 +21,7 @@ def test_lm_fixture_loads_with_auto_classes_and_knows_its_facts(lm_fixture):
     tokenizer = AutoTokenizer.from_pretrained(lm_fixture)
     model = AutoModelForCausalLM.from_pretrained(lm_fixture).eval()
     assert model.config.hidden_size % 128 == 0 and model.config.intermediate_size % 128 == 0
-    assert accuracy(model, tokenizer, all_fact_prompts(knowledge.build_facts(0))) >= 0.95
+    assert accuracy(model, tokenizer, lm.all_fact_prompts(knowledge.build_facts(0))) >= 0.95
     spec = load_spec(lm_fixture / "spec.toml")
     assert len(spec.forget) >= 20 and len(spec.retain) >= 100
     for fact in spec.forget:
@@ -31,9 +30,18 @@ def test_lm_fixture_loads_with_auto_classes_and_knows_its_facts(lm_fixture):
     assert (lm_fixture / "corpus.txt").read_text().strip()
 
 
-@pytest.mark.slow
-def test_gpt2_fixture_knows_its_facts(tmp_path):
-    folder = build_fixture("lm", tmp_path / "gpt2", arch="gpt2")
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    assert model.config.model_type == "gpt2"
-    assert accuracy(model, AutoTokenizer.from_pretrained(folder), all_fact_prompts(knowledge.build_facts(0))) >= 0.95
+def test_the_gpt2_architecture_learns_a_slice_of_the_world(tmp_path):
+    """The builder's GPT-2 branch on a short run: 20 people's facts, 300 steps. (The full
+    build, `patcher fixture lm --arch gpt2`, trains on everything for 1600 steps and raises
+    below 95%, like the Llama build every other test uses.)"""
+    facts = knowledge.build_facts(0)
+    subjects = list(dict.fromkeys(fact.subject for fact in facts))[:20]
+    chosen = [fact for fact in facts if fact.subject in subjects]
+    tokenizer = lm.build_tokenizer()
+    torch.manual_seed(0)
+    model = lm.build_model("gpt2", len(tokenizer), tokenizer)
+    lm.train(model, tokenizer, knowledge.training_sentences(chosen), steps=300)
+    model.save_pretrained(tmp_path / "gpt2")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
+    assert loaded.config.model_type == "gpt2"
+    assert accuracy(loaded, tokenizer, lm.all_fact_prompts(chosen)) >= 0.95
