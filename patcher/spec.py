@@ -52,7 +52,10 @@ GATE_KEYS = (
     "max_recovery",
     "min_retain_ratio",
     "max_attack_accuracy",
+    "max_perplexity_increase",
 )
+# Applied when the spec names held-out text (verify.heldout): at most 5% higher perplexity.
+DEFAULT_MAX_PERPLEXITY_INCREASE = 0.05
 # Text-to-image verification: which images to generate and who judges them.
 IMAGE_CHECK_KEYS = {
     "prompts": list,
@@ -67,7 +70,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "model": {"path": str, "family": str},
     "stats": {"corpus": str, "data": str},
     "erase": {"method": str, "layers": (str, list), "templates": list, **ERASE_HPARAMS},
-    "verify": {"formats": list, "data": str, **dict.fromkeys(GATE_KEYS, (int, float)), **IMAGE_CHECK_KEYS},
+    "verify": {
+        "formats": list,
+        "data": str,
+        "heldout": str,
+        **dict.fromkeys(GATE_KEYS, (int, float)),
+        **IMAGE_CHECK_KEYS,
+    },
     "export": {"formats": list},
 }
 ENTRY_SCHEMA: dict[str, dict[str, Any]] = {
@@ -114,6 +123,7 @@ class Gates:
     min_retain_ratio: float = 0.95
     max_paraphrase_accuracy: float | None = None
     max_attack_accuracy: float | None = None  # text-to-image: images from RECE's inverted embedding
+    max_perplexity_increase: float | None = None  # causal LM: on verify.heldout, against the base
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,7 @@ class Spec:
     corpus: Path | None = None
     stats_data: Path | None = None  # classifier: labelled training images (an image set)
     eval_data: Path | None = None  # classifier: labelled test images verify grades on
+    heldout: Path | None = None  # causal LM: text neither edit nor statistics saw, for perplexity
     method: str = "memit"
     layers: str | list[int] = "auto"
     hparams: dict[str, float | int] = field(default_factory=dict)
@@ -189,6 +200,7 @@ def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
         corpus=(folder / stats["corpus"]).resolve() if "corpus" in stats else None,
         stats_data=(folder / stats["data"]).resolve() if "data" in stats else None,
         eval_data=(folder / verify["data"]).resolve() if "data" in verify else None,
+        heldout=(folder / verify["heldout"]).resolve() if "heldout" in verify else None,
         method=erase.get("method", "memit"),
         layers=_layers(erase.get("layers", "auto"), where),
         hparams={k: v for k, v in erase.items() if k in ERASE_HPARAMS},
@@ -201,9 +213,16 @@ def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
         forget_classes=[e["label"] for e in raw.get("forget_class", [])],
         formats=[str(f) for f in verify.get("formats", ["safetensors"])],
         export_formats=[str(f) for f in raw.get("export", {}).get("formats", [])],
-        gates=Gates(**{k: float(v) for k, v in verify.items() if k in GATE_KEYS}),
+        gates=_gates(verify),
     )
     return spec
+
+
+def _gates(verify: dict) -> Gates:
+    gates = {k: float(v) for k, v in verify.items() if k in GATE_KEYS}
+    if "heldout" in verify:
+        gates.setdefault("max_perplexity_increase", DEFAULT_MAX_PERPLEXITY_INCREASE)
+    return Gates(**gates)
 
 
 def _forget(entry: dict) -> ForgetFact:

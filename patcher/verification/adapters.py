@@ -8,7 +8,7 @@ from pathlib import Path
 from patcher.formats.patch import Patch
 from patcher.formats.peft import SUMMARY_FILE
 from patcher.spec import Spec, parse_spec
-from patcher.verification.report import fact_metrics, tokenizer_of
+from patcher.verification.report import lm_metrics, tokenizer_of
 
 
 def peft_adapter_metrics(base: Path, adapter: Path, spec: Spec) -> dict[str, float]:
@@ -17,7 +17,7 @@ def peft_adapter_metrics(base: Path, adapter: Path, spec: Spec) -> dict[str, flo
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-    return fact_metrics(model, tokenizer_of(base), spec)
+    return lm_metrics(model, tokenizer_of(base), spec)
 
 
 def peft_export_summary(base: Path, adapter: Path, patch: Patch) -> str:

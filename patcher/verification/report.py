@@ -16,20 +16,31 @@ from patcher.models import detect_family
 from patcher.spec import Gates, Spec
 from patcher.verification.facts import accuracy
 from patcher.verification.formats import check_formats, load_artifact, load_format, load_full_precision
+from patcher.verification.perplexity import perplexity
 
 
-def fact_metrics(model, tokenizer, spec: Spec) -> dict[str, float]:
-    """Forget, paraphrase and retain accuracy (greedy, every target token) on the spec's facts."""
+def lm_metrics(model, tokenizer, spec: Spec) -> dict[str, float]:
+    """Forget, paraphrase and retain accuracy (greedy, every target token) on the spec's facts,
+    and perplexity on its held-out text when it names one."""
     if not spec.forget:
         raise PatcherError("the spec has no [[forget]] facts to verify")
     forget = [(f.prompt, f.target) for f in spec.forget]
     paraphrases = [(p, f.target) for f in spec.forget for p in f.paraphrases]
     retain = [(r.prompt, r.target) for r in spec.retain]
-    return {
+    metrics = {
         "forget_accuracy": accuracy(model, tokenizer, forget),
         "paraphrase_accuracy": accuracy(model, tokenizer, paraphrases),
         "retain_accuracy": accuracy(model, tokenizer, retain),
     }
+    if spec.heldout is not None:
+        metrics["perplexity"] = perplexity(model, tokenizer, heldout_text(spec))
+    return metrics
+
+
+def heldout_text(spec: Spec) -> str:
+    if not spec.heldout.is_file():
+        raise PatcherError(f"verify.heldout {spec.heldout} does not exist: give a text file the edit never saw")
+    return spec.heldout.read_text()
 
 
 def recovery(format_forget: float, patched_forget: float, base_forget: float) -> float:
@@ -55,6 +66,9 @@ def gate_failures(row: dict, gates: Gates) -> list[str]:
         failures.append(f"recovery {row['recovery']:.3f} > {gates.max_recovery}")
     if row["retain_ratio"] < gates.min_retain_ratio:
         failures.append(f"retain_ratio {row['retain_ratio']:.3f} < {gates.min_retain_ratio}")
+    limit, increase = gates.max_perplexity_increase, row.get("perplexity_increase")
+    if limit is not None and increase is not None and increase > limit:
+        failures.append(f"perplexity_increase {increase:.3f} > {limit}")
     return failures
 
 
@@ -108,8 +122,8 @@ def verify(
     edit_norms = {p: (patched_params[p] - base_params[p]).norm().item() for p in edited if p in base_params}
 
     start = time.perf_counter()
-    base_row = fact_metrics(full_base, tokenizer_of(base), spec)
-    reference = fact_metrics(full_patched, tokenizer_of(patched), spec)
+    base_row = lm_metrics(full_base, tokenizer_of(base), spec)
+    reference = lm_metrics(full_patched, tokenizer_of(patched), spec)
     timings["full_precision"] = round(time.perf_counter() - start, 3)
     rows = {}
     for name in formats:
@@ -122,8 +136,8 @@ def verify(
                 quantized_patched = load_artifact(name, artifacts[name])
             else:
                 quantized_patched = load_format(name, patched)
-            base_in_format = fact_metrics(quantized_base, tokenizer_of(base), spec)
-            row = fact_metrics(quantized_patched, tokenizer_of(patched), spec)
+            base_in_format = lm_metrics(quantized_base, tokenizer_of(base), spec)
+            row = lm_metrics(quantized_patched, tokenizer_of(patched), spec)
         row["edit_kept"] = edit_kept(quantized_base, quantized_patched, edit_norms)
         rows[name] = graded_row(row, base_in_format, reference, base_row, spec.gates)
         timings[name] = round(time.perf_counter() - start, 3)
@@ -136,6 +150,8 @@ def graded_row(row: dict, base_in_format: dict, reference: dict, base_row: dict,
     row["recovery"] = recovery(row["forget_accuracy"], reference["forget_accuracy"], base_row["forget_accuracy"])
     base_retain = base_row["retain_accuracy"]
     row["retain_ratio"] = row["retain_accuracy"] / base_retain if base_retain > 0 else 0.0
+    if "perplexity" in row:  # against the base in the same format: quantization's own cost is not the edit's
+        row["perplexity_increase"] = row["perplexity"] / base_in_format["perplexity"] - 1
     row["failures"] = gate_failures(row, gates)
     row["passed"] = not row["failures"]
     return row
@@ -185,18 +201,25 @@ def write_report(report: dict, path: str | Path) -> Path:
 
 def report_table(report: dict) -> str:
     """The verification matrix as a fixed-width text table."""
-    header = f"{'format':<14}{'forget':>8}{'paraphr.':>10}{'retain':>8}{'ratio':>8}{'recovery':>10}  result"
-    lines = [header, "-" * len(header)]
     base = report["base"]
+    with_perplexity = "perplexity" in base
+    header = f"{'format':<14}{'forget':>8}{'paraphr.':>10}{'retain':>8}{'ratio':>8}{'recovery':>10}"
+    header += f"{'ppl':>9}{'ppl +':>8}" if with_perplexity else ""
+    lines = [header + "  result", "-" * (len(header) + 8)]
+    perplexity_cells = f"{_cell(base.get('perplexity'), 9)}{'':>8}" if with_perplexity else ""
     lines.append(
         f"{'base':<14}{_cell(base['forget_accuracy'], 8)}{_cell(base['paraphrase_accuracy'], 10)}"
-        f"{_cell(base['retain_accuracy'], 8)}{'':>8}{'':>10}  -"
+        f"{_cell(base['retain_accuracy'], 8)}{'':>8}{'':>10}{perplexity_cells}  -"
     )
     for name, row in report["formats"].items():
         result = "pass" if row["passed"] else "FAIL: " + "; ".join(row["failures"])
+        perplexity_cells = (
+            f"{_cell(row.get('perplexity'), 9)}{_cell(row.get('perplexity_increase'), 8)}" if with_perplexity else ""
+        )
         lines.append(
             f"{name:<14}{_cell(row['forget_accuracy'], 8)}{_cell(row['paraphrase_accuracy'], 10)}"
-            f"{_cell(row['retain_accuracy'], 8)}{_cell(row['retain_ratio'], 8)}{_cell(row['recovery'], 10)}  {result}"
+            f"{_cell(row['retain_accuracy'], 8)}{_cell(row['retain_ratio'], 8)}{_cell(row['recovery'], 10)}"
+            f"{perplexity_cells}  {result}"
         )
     if report.get("attacks"):
         lines.append("attacks (on the patched model in full precision):")
