@@ -87,7 +87,8 @@ def subject_positions(tokenizer, prompt: str, subject: str) -> tuple[list[int], 
     if start < 0:
         raise PatcherError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
     ids = encode_prompt(tokenizer, prompt)
-    first = len(encode_prompt(tokenizer, prompt[:start].rstrip())) if start else len(encode_prompt(tokenizer, ""))
+    # A subject that opens the prompt starts after the tokenizer's own leading tokens (BOS), if any.
+    first = len(encode_prompt(tokenizer, prompt[:start].rstrip())) if start else len(tokenizer("").input_ids)
     last = len(encode_prompt(tokenizer, prompt[: start + len(subject)])) - 1
     return ids, list(range(first, last + 1))
 

@@ -5,6 +5,8 @@ import json
 import torch
 from helpers import run_cli, run_cli_process
 from safetensors import safe_open
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from patcher.adapters import causal_lm_adapter
 from patcher.locate import locate, subject_positions, subject_prompts
@@ -45,6 +47,14 @@ def test_subject_positions_cover_the_subject_tokens(lm_fixture):
     subject = infer_subject(fact)
     ids, positions = subject_positions(tokenizer, fact.prompt, subject)
     assert tokenizer.decode([ids[p] for p in positions]).strip() == subject
+
+
+def test_a_subject_that_opens_the_prompt_starts_at_the_first_token_without_bos():
+    """SmolLM2's tokenizer adds no BOS: "Hamlet was written by" has Hamlet at token 0."""
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "Hamlet": 1, "was": 2, "written": 3, "by": 4}, "<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert subject_positions(tokenizer, "Hamlet was written by", "Hamlet") == ([1, 2, 3, 4], [0])
 
 
 def test_locate_and_fisher_stats_cli(lm_fixture, tmp_path):
