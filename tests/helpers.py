@@ -12,6 +12,9 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from patcher.cli import main
+from patcher.spec import dump_spec, load_spec
+
+FEW_IMAGES = 4  # per prompt in the diffusion tests; the fixture's spec asks for 8
 
 
 def run_cli(*args: str, expect: int | None = 0) -> subprocess.CompletedProcess:
@@ -86,3 +89,13 @@ def generate_accuracy(folder, facts) -> float:
         out = model.generate(ids, max_new_tokens=len(wanted), do_sample=False, pad_token_id=tokenizer.pad_token_id)
         hits += out[0, ids.shape[1] :].tolist() == wanted
     return hits / len(facts)
+
+
+def reduced_spec(folder, tmp_path, **verify) -> str:
+    """The diffusion fixture's spec with fewer images per prompt, written into `tmp_path`."""
+    raw = load_spec(folder / "spec.toml").raw
+    raw["model"]["path"] = str(folder)
+    raw["verify"].update(images_per_prompt=FEW_IMAGES, judge=str(folder / "judge"), **verify)
+    path = tmp_path / "spec.toml"
+    path.write_text(dump_spec(raw))
+    return str(path)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import erase_with_cli, export_patched, run_cli
+from helpers import export_patched, reduced_spec, run_cli
 
 from patcher.adapters.unet import UNetAdapter
 from patcher.fixtures.diffusion import SHAPES, colour_templates, shape_accuracy
@@ -17,18 +17,6 @@ from patcher.methods.uce import inverted_embeddings as method_inversion
 from patcher.spec import dump_spec, load_spec
 from patcher.verification.images import inverted_embeddings as attack_inversion
 from patcher.verification.judge import ShapeJudge
-
-FEW_IMAGES = 4  # per prompt in tests; the fixture's spec asks for 8
-
-
-def reduced_spec(folder, tmp_path, **verify) -> str:
-    """The fixture's spec with fewer images per prompt, written beside a copy of it."""
-    raw = load_spec(folder / "spec.toml").raw
-    raw["model"]["path"] = str(folder)
-    raw["verify"].update(images_per_prompt=FEW_IMAGES, judge=str(folder / "judge"), **verify)
-    path = tmp_path / "spec.toml"
-    path.write_text(dump_spec(raw))
-    return str(path)
 
 
 def test_fixture_is_a_stock_pipeline_that_draws_its_shapes(diffusion_fixture):
@@ -48,25 +36,39 @@ def test_fixture_is_a_stock_pipeline_that_draws_its_shapes(diffusion_fixture):
     assert set(spec.templates) < set(spec.images.prompts)  # verify asks prompts the edit never saw
 
 
+@pytest.fixture(scope="module")
+def erased(diffusion_fixture, tmp_path_factory):
+    """`erased(method)`: erase, apply and verify (safetensors) once per method for this module;
+    returns (patch path, patched folder, report, verify's exit code)."""
+    runs = {}
+
+    def run(method: str):
+        if method not in runs:
+            folder = tmp_path_factory.mktemp(method)
+            patch, patched, report_path = folder / "patch.safetensors", folder / "patched", folder / "report.json"
+            spec = reduced_spec(diffusion_fixture, folder)
+            run_cli("erase", "--spec", spec, "--method", method, "--out", str(patch))
+            run_cli("apply", str(diffusion_fixture), str(patch), "--out", str(patched))
+            result = run_cli(
+                "verify", "--base", str(diffusion_fixture), "--patched", str(patched), "--spec", spec,
+                "--formats", "safetensors", "--report", str(report_path), expect=None,
+            )  # fmt: skip
+            runs[method] = patch, patched, json.loads(report_path.read_text()), result.returncode
+        return runs[method]
+
+    return run
+
+
 @pytest.mark.parametrize("method", ["uce", "rece"])
-def test_erasure_holds_on_generated_images(diffusion_fixture, tmp_path, method):
-    patch, patched = tmp_path / "patch.safetensors", tmp_path / "patched"
-    spec = reduced_spec(diffusion_fixture, tmp_path)
-    run_cli("erase", "--spec", spec, "--method", method, "--out", str(patch))
-    run_cli("apply", str(diffusion_fixture), str(patch), "--out", str(patched))
+def test_erasure_holds_on_generated_images(erased, method):
+    _, patched, report, returncode = erased(method)
     assert isinstance(DiffusionPipeline.from_pretrained(patched), StableDiffusionPipeline)
-    report_path = tmp_path / "report.json"
-    result = run_cli(
-        "verify", "--base", str(diffusion_fixture), "--patched", str(patched), "--spec", spec,
-        "--formats", "safetensors", "--report", str(report_path), expect=None,
-    )  # fmt: skip
-    report = json.loads(report_path.read_text())
     assert report["base"]["forget_accuracy"] >= 0.9
     row = report["formats"]["safetensors"]
     assert row["forget_accuracy"] <= 0.1 and row["paraphrase_accuracy"] <= 0.1  # unseen colour too
     attack = report["attacks"]["inversion"]["forget_accuracy"]
     assert report["passed"] == (row["passed"] and attack <= 0.2)
-    assert result.returncode == (0 if report["passed"] else 1)
+    assert returncode == (0 if report["passed"] else 1)
     if method == "uce":
         assert row["retain_ratio"] >= 0.9 and row["passed"]
         assert attack >= 0.5  # RECE's inversion regenerates what UCE erased, as RECE reports
@@ -77,15 +79,8 @@ def test_erasure_holds_on_generated_images(diffusion_fixture, tmp_path, method):
     reason="issue 25: on diffusion fixtures built on other CPUs RECE's 120 rounds miss the retain or "
     "attack gate (retain 0.708 on this project's CI machine; 0.917 with attack 0.219 on another)",
 )
-def test_rece_with_the_fixture_spec_passes_every_gate(diffusion_fixture, tmp_path):
-    patch, patched = tmp_path / "patch.safetensors", tmp_path / "patched"
-    spec = reduced_spec(diffusion_fixture, tmp_path)
-    run_cli("erase", "--spec", spec, "--method", "rece", "--out", str(patch))
-    run_cli("apply", str(diffusion_fixture), str(patch), "--out", str(patched))
-    report_path = tmp_path / "report.json"
-    run_cli("verify", "--base", str(diffusion_fixture), "--patched", str(patched), "--spec", spec,
-            "--formats", "safetensors", "--report", str(report_path), expect=None)  # fmt: skip
-    report = json.loads(report_path.read_text())
+def test_rece_with_the_fixture_spec_passes_every_gate(erased):
+    report = erased("rece")[2]
     assert report["formats"]["safetensors"]["retain_ratio"] >= 0.9
     assert report["passed"]  # after 120 rounds (the fixture's spec) no c′ draws the circle
 
@@ -101,9 +96,8 @@ def test_verify_fails_a_patch_that_erases_nothing(diffusion_fixture, tmp_path):
     assert "forget_accuracy" in json.loads(result.stdout)["formats"]["safetensors"]["failures"][0]
 
 
-def test_lora_export_loaded_and_fused_by_diffusers_matches_the_dense_patch(diffusion_fixture, tmp_path):
-    patch_path, lora = tmp_path / "patch.safetensors", tmp_path / "lora"
-    erase_with_cli(diffusion_fixture, "rece", patch_path)
+def test_lora_export_loaded_and_fused_by_diffusers_matches_the_dense_patch(diffusion_fixture, erased, tmp_path):
+    patch_path, lora = erased("rece")[0], tmp_path / "lora"
     export_patched(diffusion_fixture, patch_path, "diffusers-lora", lora)
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     patch = Patch.load(patch_path)
