@@ -14,16 +14,16 @@ from patcher.spec import parse_spec
 def probed(answered_all: int, answered_prompt_only: int) -> list[dict]:
     """Candidate facts as `known_facts` returns them, the first ones answered."""
     facts = []
-    for i, fact in enumerate(world.candidates()):
+    for i, (relation, subject, answer) in enumerate(world.candidates()):
         flags = [True] * 3 if i < answered_all else [i < answered_all + answered_prompt_only, False, False]
-        facts.append({"relation": fact.relation, "subject": fact.subject, "answer": fact.answer, "answered": flags})
+        facts.append({"relation": relation, "subject": subject, "answer": answer, "answered": flags})
     return facts
 
 
 def test_forget_facts_are_answered_in_every_phrasing_and_retain_facts_share_no_subject_with_them(tmp_path):
     entries = smollm2.erasure_entries(probed(answered_all=300, answered_prompt_only=0))
     assert len(entries["forget"]) == smollm2.N_FORGET and len(entries["retain"]) == smollm2.N_RETAIN
-    subject_of = {fact.prompt(0): fact.subject for fact in world.candidates()}
+    subject_of = {world.prompt(relation, subject, 0): subject for relation, subject, _ in world.candidates()}
     erased = {entry["subject"] for entry in entries["forget"]}
     assert not erased & {subject_of[entry["prompt"]] for entry in entries["retain"]}
     for entry in entries["forget"]:
