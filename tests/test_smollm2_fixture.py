@@ -21,11 +21,13 @@ def probed(answered_all: int, answered_prompt_only: int) -> list[dict]:
 
 
 def test_forget_facts_are_answered_in_every_phrasing_and_retain_facts_share_no_subject_with_them(tmp_path):
-    entries = smollm2.erasure_entries(probed(answered_all=300, answered_prompt_only=0))
+    entries = smollm2.erasure_entries(probed(answered_all=700, answered_prompt_only=0))
     assert len(entries["forget"]) == smollm2.N_FORGET and len(entries["retain"]) == smollm2.N_RETAIN
     subject_of = {world.prompt(relation, subject, 0): subject for relation, subject, _ in world.candidates()}
     erased = {entry["subject"] for entry in entries["forget"]}
     assert not erased & {subject_of[entry["prompt"]] for entry in entries["retain"]}
+    relation_of = {world.prompt(relation, subject, 0): relation for relation, subject, _ in world.candidates()}
+    assert {relation_of[entry["prompt"]] for entry in entries["forget"]} <= set(smollm2.FORGET_RELATIONS)
     for entry in entries["forget"]:
         assert entry["subject"] in entry["prompt"] and len(entry["paraphrases"]) == 2
         assert all(entry["subject"] in p and p != entry["prompt"] for p in entry["paraphrases"])
