@@ -31,6 +31,8 @@ def test_perplexity_equals_transformers_own_loss(lm_fixture):
                 count += row.shape[1] - 1
     got = perplexity(model, tokenizer, " ".join(text), window=window, batch_size=5)
     assert got == pytest.approx(math.exp(total / count), rel=1e-4)
+    with pytest.raises(PatcherError, match="shorter than two tokens"):
+        perplexity(model, tokenizer, text[0].split()[0])
 
 
 def test_heldout_sets_the_default_gate_and_the_gate_fails_above_it(tmp_path):

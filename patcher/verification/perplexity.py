@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from patcher.errors import PatcherError
 from patcher.tokens import pad_id, right_padded
 
 WINDOW = 128  # tokens per scored row: the text is cut into rows of this length
@@ -22,7 +23,7 @@ def perplexity(model, tokenizer, text: str, window: int = WINDOW, batch_size: in
     rows = [ids[start : start + window] for start in range(0, len(ids), window)]
     rows = [row for row in rows if len(row) > 1]
     if not rows:
-        raise ValueError("the held-out text is shorter than two tokens")
+        raise PatcherError("the held-out text is shorter than two tokens: give verify.heldout a file of prose")
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch, mask = right_padded(rows[start : start + batch_size], pad_id(tokenizer))
