@@ -160,36 +160,43 @@ def _run(model, sequences: list[list[int]], pad: int):
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
 
 
+class _Captured(Exception):
+    """Raised by a capture hook: nothing after the captured module needs to run."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+
 @torch.no_grad()
+def _captured_at(
+    model, module: torch.nn.Module, pre: bool, sequences: list[list[int]], positions: list[int], pad: int
+) -> torch.Tensor:
+    """The input (`pre`) or output of `module` at one position per sequence: (width, n).
+
+    The forward pass stops at `module`, and runs 64 sequences at a time.
+    """
+
+    def capture(module, args, output=None):
+        raise _Captured(args[0] if pre else _hidden(output))
+
+    columns = []
+    with _hook(module, capture, pre=pre):
+        for start in range(0, len(sequences), 64):
+            chunk = sequences[start : start + 64]
+            try:
+                _run(model, chunk, pad)
+            except _Captured as captured:
+                rows = torch.arange(len(chunk))
+                columns.append(captured.value[rows, torch.tensor(positions[start : start + 64])])
+    return torch.cat(columns).double().T.cpu()
+
+
 def layer_outputs_at(
     adapter: CausalLMAdapter, layer: int, sequences: list[list[int]], positions: list[int], pad: int
 ) -> torch.Tensor:
     """The residual stream after `layer` at one position per sequence: (d_model, n)."""
-    captured = {}
-
-    def capture(module, args, output):
-        captured["h"] = _hidden(output)
-
-    with _hook(adapter.layers[layer], capture):
-        _run(adapter.model, sequences, pad)
-    rows = torch.arange(len(sequences))
-    return captured["h"][rows, torch.tensor(positions)].double().T.cpu()
-
-
-@torch.no_grad()
-def keys_at(
-    adapter: CausalLMAdapter, layer: int, sequences: list[list[int]], positions: list[int], pad: int
-) -> torch.Tensor:
-    """The down-projection input at one position per sequence: (d_k, n)."""
-    captured = {}
-
-    def capture(module, args):
-        captured["k"] = args[0]
-
-    with _hook(adapter.down_proj(layer), capture, pre=True):
-        _run(adapter.model, sequences, pad)
-    rows = torch.arange(len(sequences))
-    return captured["k"][rows, torch.tensor(positions)].double().T.cpu()
+    return _captured_at(adapter.model, adapter.layers[layer], False, sequences, positions, pad)
 
 
 def average_keys(
@@ -200,80 +207,153 @@ def average_keys(
     n_special: int,
     pad: int,
 ) -> torch.Tensor:
-    """Each request's key at its subject, averaged over the context prefixes: (d_k, n)."""
-    columns = []
-    for request in requests:
-        placed = [in_context(request, p, n_special) for p in prefixes]
-        keys = keys_at(adapter, layer, [s for s, _ in placed], [i for _, i in placed], pad)
-        columns.append(keys.mean(dim=1))
-    return torch.stack(columns, dim=1)
+    """Each request's key (the down-projection's input) at its subject, averaged over the
+    context prefixes: (d_k, n)."""
+    placed = [in_context(request, p, n_special) for request in requests for p in prefixes]
+    sequences, positions = [ids for ids, _ in placed], [i for _, i in placed]
+    keys = _captured_at(adapter.model, adapter.down_proj(layer), True, sequences, positions, pad)
+    return keys.view(keys.shape[0], len(requests), len(prefixes)).mean(dim=2)
 
 
-def target_value(
+@contextmanager
+def frozen_weights(model: torch.nn.Module):
+    """No parameter gradients while the body runs: a search that optimises only an added
+    shift should not pay for the weights' gradients (on SmolLM2 this halves its time)."""
+    previous = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in previous:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+
+
+@dataclass
+class _SearchBatch:
+    """Some facts' sequences in one padded batch: one per context prefix, then each KL prompt."""
+
+    sequences: list[list[int]]
+    owners: torch.Tensor  # the fact (index into the batch's facts) each row belongs to
+    shift_positions: torch.Tensor  # where each row's δ is added (the subject's last token)
+    answer_rows: torch.Tensor  # one entry per scored answer token: its row, ...
+    answer_positions: torch.Tensor  # ... its position, ...
+    answer_tokens: torch.Tensor  # ... the token scored there ...
+    answer_owners: torch.Tensor  # ... and its fact
+    kl_rows: torch.Tensor  # one KL prompt per fact, in fact order
+    kl_positions: torch.Tensor
+
+    @classmethod
+    def build(cls, requests: list[EditRequest], prefixes: list[list[int]], n_special: int) -> _SearchBatch:
+        sequences, owners, shifts = [], [], []
+        answer_rows, answer_positions, answer_tokens, answer_owners = [], [], [], []
+        for fact, request in enumerate(requests):
+            answer = request.replacement_ids or request.target_ids
+            for prefix in prefixes:
+                ids, subject = in_context(request, prefix, n_special)
+                for t, token in enumerate(answer):
+                    answer_rows.append(len(sequences))
+                    answer_positions.append(len(ids) - 1 + t)
+                    answer_tokens.append(token)
+                    answer_owners.append(fact)
+                sequences.append(ids + answer[:-1])
+                owners.append(fact)
+                shifts.append(subject)
+        kl_rows = list(range(len(sequences), len(sequences) + len(requests)))
+        kl_positions = [len(r.essence_ids) - 1 for r in requests]
+        sequences += [r.essence_ids for r in requests]
+        owners += range(len(requests))
+        shifts += kl_positions
+        as_tensors = map(torch.tensor, (owners, shifts, answer_rows, answer_positions, answer_tokens, answer_owners))
+        return cls(sequences, *as_tensors, torch.tensor(kl_rows), torch.tensor(kl_positions))
+
+
+def target_values(
     adapter: CausalLMAdapter,
     layer: int,
-    request: EditRequest,
+    requests: list[EditRequest],
     prefixes: list[list[int]],
     n_special: int,
     pad: int,
     hp: TargetHparams,
+    rows_per_pass: int = 32,
 ) -> torch.Tensor:
-    """The residual value after `layer` at the subject that makes the target unlikely.
+    """Each request's residual value after `layer` at its subject that makes its target
+    unlikely: (d_model, n).
 
-    Optimises an additive shift δ of that residual over every context: unlikelihood of each
-    target token, -log(1 - p), or likelihood of the replacement when the fact names one; a
-    KL term keeps what follows "<subject> is a"; δ is clamped to `clamp_norm` x the
-    original norm. Returns the bare prompt's original value plus δ: (d_model,).
+    Optimises one additive shift δ per fact over every context: unlikelihood of each target
+    token, -log(1 - p), or likelihood of the replacement when the fact names one; a KL term
+    keeps what follows "<subject> is a"; δ is clamped to `clamp_norm` x the original norm.
+    Returns the bare prompt's original value plus δ.
+
+    Facts are searched side by side, about `rows_per_pass` sequences per forward pass; a
+    fact leaves the batch when it reaches its stopping point and the next one takes its
+    place. Each fact's loss depends only on its own δ, and Adam keeps a separate state per
+    tensor, so every fact follows the path it would follow searched alone.
     """
     model = adapter.model
-    answer = request.replacement_ids or request.target_ids
-    placed = [in_context(request, p, n_special) for p in prefixes]
-    sequences = [ids + answer[:-1] for ids, _ in placed]
-    subject_positions = [pos for _, pos in placed]
-    answer_positions = [len(ids) - 1 + t for ids, _ in placed for t in range(len(answer))]
-    answer_rows = [row for row, _ in enumerate(placed) for _ in answer]
-    answer_tokens = torch.tensor(answer * len(placed))
-    kl_sequence, kl_position = request.essence_ids, len(request.essence_ids) - 1
-    batch = [*sequences, kl_sequence]
-    positions = torch.tensor([*subject_positions, kl_position])
-
-    original = layer_outputs_at(adapter, layer, [placed[0][0]], [subject_positions[0]], pad)[:, 0]
+    bare = [in_context(r, prefixes[0], n_special) for r in requests]
+    original = layer_outputs_at(adapter, layer, [ids for ids, _ in bare], [pos for _, pos in bare], pad).T.float()
     with torch.no_grad():
-        base_kl = F.log_softmax(_run(model, [kl_sequence], pad)[0, kl_position].float(), -1)
-    delta = torch.zeros(original.shape[0], requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hp.lr)
-    max_norm = hp.clamp_norm * original.norm()
-    rows = torch.arange(len(batch))
+        essence = _SearchBatch.build(requests, [], n_special)
+        base_kl = F.log_softmax(_run(model, essence.sequences, pad)[essence.kl_rows, essence.kl_positions].float(), -1)
+    deltas = [torch.zeros_like(value, requires_grad=True) for value in original]
+    optimizer = torch.optim.Adam(deltas, lr=hp.lr)
+    max_norms = hp.clamp_norm * original.norm(dim=1)
+    steps_taken = [0] * len(requests)
+    width = max(1, rows_per_pass // (len(prefixes) + 1))
+    waiting, active = list(range(len(requests))), []
+    finished = progress(range(len(requests)), "targets")  # advanced once per fact that leaves
+    with frozen_weights(model):
+        while waiting or active:
+            active += [waiting.pop(0) for _ in range(min(width - len(active), len(waiting)))]
+            batch = _SearchBatch.build([requests[i] for i in active], prefixes, n_special)
+            shift = torch.stack([deltas[i] for i in active])
+            edit_loss, done, kl_log_probs = _search_step(adapter, layer, batch, shift, requests, active, pad, hp)
+            kl = F.kl_div(kl_log_probs, base_kl[active], log_target=True, reduction="none").sum(-1)
+            decay = hp.weight_decay * shift.norm(dim=1) ** 2 / original[active].norm(dim=1) ** 2
+            moving = [i for i, is_done in zip(active, done.tolist(), strict=True) if not is_done]
+            optimizer.zero_grad(set_to_none=True)
+            if moving:
+                ((edit_loss + hp.kl_factor * kl + decay) * ~done).sum().backward()
+                for i in set(active) - set(moving):
+                    deltas[i].grad = None  # Adam skips a tensor without a gradient
+                optimizer.step()
+            with torch.no_grad():
+                for i in moving:
+                    deltas[i].mul_((max_norms[i] / deltas[i].norm()).clamp(max=1))
+                    steps_taken[i] += 1
+            still = [i for i in moving if steps_taken[i] < hp.steps]
+            for _ in range(len(active) - len(still)):
+                next(finished, None)
+            active = still
+    return (original + torch.stack(deltas).detach()).double().T
 
-    def shift(module, args, output):
+
+def _search_step(adapter, layer, batch, shift, requests, active, pad, hp):
+    """One forward pass of the target search: each fact's edit loss, whether it is done,
+    and the log-probabilities after its KL prompt."""
+    n = len(active)
+    replaces = torch.tensor([requests[i].replacement_ids is not None for i in active])
+    rows = torch.arange(len(batch.sequences))
+
+    def add_shift(module, args, output):
         hidden = _hidden(output).clone()
-        hidden[rows, positions] = hidden[rows, positions] + delta.to(hidden.dtype)
+        hidden[rows, batch.shift_positions] += shift[batch.owners].to(hidden.dtype)
         return _with_hidden(output, hidden)
 
-    with _hook(adapter.layers[layer], shift):
-        for _ in range(hp.steps):
-            logits = _run(model, batch, pad).float()
-            log_probs = F.log_softmax(logits[torch.tensor(answer_rows), torch.tensor(answer_positions)], -1)
-            token_log_probs = log_probs.gather(1, answer_tokens.view(-1, 1)).squeeze(1)
-            if request.replacement_ids:
-                edit_loss = -token_log_probs.mean()
-                done = edit_loss.item() < 0.05
-            else:
-                probs = token_log_probs.exp()
-                edit_loss = -torch.log1p(-probs.clamp(max=1 - 1e-6)).mean()
-                done = probs.max().item() < hp.stop_probability
-            kl_log_probs = F.log_softmax(logits[len(sequences), kl_position], -1)
-            kl = F.kl_div(kl_log_probs, base_kl, log_target=True, reduction="sum")
-            decay = hp.weight_decay * delta.norm() ** 2 / original.norm() ** 2
-            if done:
-                break
-            optimizer.zero_grad()
-            (edit_loss + hp.kl_factor * kl + decay).backward()
-            optimizer.step()
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    return original + delta.detach().double()
+    with _hook(adapter.layers[layer], add_shift):
+        logits = _run(adapter.model, batch.sequences, pad).float()
+    log_probs = F.log_softmax(logits[batch.answer_rows, batch.answer_positions], -1)
+    token_log_probs = log_probs.gather(1, batch.answer_tokens.view(-1, 1)).squeeze(1)
+    probs = token_log_probs.exp()
+    unlikely = -torch.log1p(-probs.clamp(max=1 - 1e-6))
+    per_token = torch.where(replaces[batch.answer_owners], -token_log_probs, unlikely)
+    counts = torch.zeros(n).index_add_(0, batch.answer_owners, torch.ones(len(per_token)))
+    edit_loss = torch.zeros(n).index_add(0, batch.answer_owners, per_token) / counts
+    highest = torch.zeros(n).scatter_reduce(0, batch.answer_owners, probs.detach(), "amax", include_self=False)
+    done = torch.where(replaces, edit_loss.detach() < 0.05, highest < hp.stop_probability)
+    return edit_loss, done, F.log_softmax(logits[batch.kl_rows, batch.kl_positions], -1)
 
 
 def still_answered(model, requests: list[EditRequest], pad: int, margin: float = 0.0) -> list[bool]:
@@ -313,10 +393,7 @@ def edit_layers(
     requests = [build_request(tokenizer, fact) for fact in facts]
     prefixes = sample_context_prefixes(model, tokenizer, hp.context_templates)
     last = layers[-1]
-    targets = torch.stack(
-        [target_value(adapter, last, r, prefixes, n_special, pad, hp) for r in progress(requests, "targets")],
-        dim=1,
-    )
+    targets = target_values(adapter, last, requests, prefixes, n_special, pad, hp)
     originals = {layer: adapter.down_proj(layer).weight.detach().clone() for layer in layers}
     deltas: dict[str, torch.Tensor] = {}
     try:
