@@ -88,7 +88,8 @@ def test_calibrated_warns_and_keeps_the_best_when_no_rung_keeps_the_split(loaded
     shares = []
     for deltas in (candidates[0], candidates[2]):
         with deltas_applied(adapter.model, deltas):
-            shares.append(calibration.kept_share(adapter.model, tokenizer, facts, base, ()))
+            hits = answered(adapter.model, tokenizer, facts)
+        shares.append(sum(h and b for h, b in zip(hits, base, strict=True)) / sum(base))
     assert shares[0] < shares[1] < 1.0
 
     strict = dataclasses.replace(spec, gates=dataclasses.replace(spec.gates, min_retain_ratio=1.0))

@@ -41,16 +41,21 @@ def ladder(method: str, hparams: dict) -> list[dict]:
     return [dict(hparams), closer, {**closer, key: 4 * hparams.get(key, default)}]
 
 
-def kept_share(model, tokenizer, facts: list[tuple[str, str]], base: list[bool], formats: tuple[str, ...]) -> float:
-    """The smallest share, over full precision and `formats`, of the (prompt, target) facts
-    the base answers (`base`) that the model still answers."""
-    known = sum(base)
-    if not known:
-        return 1.0
+def answered_in_each_format(
+    model, tokenizer, facts: list[tuple[str, str]], formats: tuple[str, ...]
+) -> list[list[bool]]:
+    """Which (prompt, target) facts the model answers in full precision, then in each of `formats`."""
+    return [answered(model, tokenizer, facts) for _ in in_each_format(model, formats)]
+
+
+def kept_share(hits: list[list[bool]], base_hits: list[list[bool]]) -> float:
+    """The smallest share, over the formats of `answered_in_each_format`, of the facts the
+    base answers in a format that the edited model answers in that format too (verify's
+    retain ratio compares with the base in the same format as well)."""
     shares = []
-    for _ in in_each_format(model, formats):
-        hits = answered(model, tokenizer, facts)
-        shares.append(sum(h and b for h, b in zip(hits, base, strict=True)) / known)
+    for edited, base in zip(hits, base_hits, strict=True):
+        known = sum(base)
+        shares.append(sum(e and b for e, b in zip(edited, base, strict=True)) / known if known else 1.0)
     return min(shares)
 
 
@@ -64,7 +69,7 @@ def calibrated(
     every fact.
     """
     facts = [(f.prompt, f.target) for f in seen_by_erase(spec.retain)]
-    base = answered(adapter.model, tokenizer, facts)
+    base_hits = answered_in_each_format(adapter.model, tokenizer, facts, formats)
     wanted = spec.gates.min_retain_ratio
     best: tuple[float, Deltas] | None = None
     failure: ErasureIncomplete | None = None
@@ -75,7 +80,7 @@ def calibrated(
             failure = err
             continue
         with deltas_applied(adapter.model, deltas):
-            share = kept_share(adapter.model, tokenizer, facts, base, formats)
+            share = kept_share(answered_in_each_format(adapter.model, tokenizer, facts, formats), base_hits)
         if share >= wanted:
             return deltas
         if best is None or share > best[0]:

@@ -148,9 +148,11 @@ def graded_row(row: dict, base_in_format: dict, reference: dict, base_row: dict,
     """A format's metrics with recovery, retain ratio and the gates' verdict added."""
     row["base_in_format"] = base_in_format
     row["recovery"] = recovery(row["forget_accuracy"], reference["forget_accuracy"], base_row["forget_accuracy"])
-    base_retain = base_row["retain_accuracy"]
+    # Retention and perplexity compare with the base in the same format: what quantization
+    # costs the unedited model is not the edit's doing (base_in_format reports it).
+    base_retain = base_in_format["retain_accuracy"]
     row["retain_ratio"] = row["retain_accuracy"] / base_retain if base_retain > 0 else 0.0
-    if "perplexity" in row:  # against the base in the same format: quantization's own cost is not the edit's
+    if "perplexity" in row:
         row["perplexity_increase"] = row["perplexity"] / base_in_format["perplexity"] - 1
     row["failures"] = gate_failures(row, gates)
     row["passed"] = not row["failures"]
