@@ -34,8 +34,3 @@ def target_leads(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int
             others = scores.scatter(1, torch.tensor(target).view(-1, 1), float("-inf")).amax(1)
             leads.append(float((wanted - others).min()))
     return leads
-
-
-def reproduces(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int = 64) -> list[bool]:
-    """For each (prompt ids, target ids): would greedy decoding produce every target token?"""
-    return [lead > 0 for lead in target_leads(model, encoded, pad, batch_size)]

@@ -15,7 +15,7 @@ from patcher.methods.alphaedit import DEFAULT_L2
 from patcher.methods.lm_edit import deltas_applied
 from patcher.methods.memit import DEFAULT_MOM2_WEIGHT
 from patcher.methods.protect import seen_by_erase
-from patcher.scoring import reproduces, target_leads
+from patcher.scoring import target_leads
 from patcher.spec import load_spec
 from patcher.tokens import encode_prompt, encode_target, pad_id
 from patcher.verification.facts import answered
@@ -114,4 +114,3 @@ def test_target_leads_match_per_fact_logits(loaded):
                 row[token] = float("-inf")
                 gaps.append(wanted - row.max().item())
             assert lead == pytest.approx(min(gaps), abs=1e-4)
-    assert reproduces(model, encoded, pad) == [lead > 0 for lead in leads]

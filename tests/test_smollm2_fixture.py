@@ -12,11 +12,23 @@ from patcher.spec import parse_spec
 
 
 def probed(answered_all: int, answered_prompt_only: int) -> list[dict]:
-    """Candidate facts as `known_facts` returns them, the first ones answered."""
+    """Candidate facts as `known_facts` returns them: the first ones answered in every
+    phrasing by 2 nats, the next ones as first phrased only, by 0.1 nats (below the margin)."""
     facts = []
     for i, (relation, subject, answer) in enumerate(world.candidates()):
-        flags = [True] * 3 if i < answered_all else [i < answered_all + answered_prompt_only, False, False]
-        facts.append({"relation": relation, "subject": subject, "answer": answer, "answered": flags})
+        if i < answered_all:
+            margins = [2.0, 2.0, 2.0]
+        else:
+            margins = [0.1 if i < answered_all + answered_prompt_only else -1.0, -1.0, -1.0]
+        facts.append(
+            {
+                "relation": relation,
+                "subject": subject,
+                "answer": answer,
+                "leads": margins,
+                "answered": [m > 0 for m in margins],
+            }
+        )
     return facts
 
 
@@ -35,9 +47,23 @@ def test_forget_facts_are_answered_in_every_phrasing_and_retain_facts_share_no_s
     assert len(spec.forget) == smollm2.N_FORGET
 
 
+def test_retain_facts_are_known_by_a_margin_and_asked_in_their_best_phrasing():
+    facts = probed(answered_all=700, answered_prompt_only=0)
+    weak = facts[-1]  # answered, but by less than the margin: never a retain fact
+    weak["leads"], weak["answered"] = [0.1, 0.2, -1.0], [True, True, False]
+    facts[-2]["leads"] = [0.0, 1.0, 3.0]  # answered best in the third phrasing
+    entries = smollm2.erasure_entries(facts[-2:] + facts[:-2])
+    retained = {entry["prompt"]: entry["target"] for entry in entries["retain"]}
+    best = facts[-2]
+    assert retained[world.prompt(best["relation"], best["subject"], 2)] == best["answer"]
+    assert all(weak["subject"] not in prompt for prompt in retained)
+
+
 def test_too_few_known_facts_is_an_error_not_a_smaller_spec():
     with pytest.raises(RuntimeError, match="too few"):
         smollm2.erasure_entries(probed(answered_all=30, answered_prompt_only=0))
+    with pytest.raises(RuntimeError, match="too few"):  # answered by too small a margin
+        smollm2.erasure_entries(probed(answered_all=100, answered_prompt_only=500))
 
 
 def test_statistics_corpus_and_heldout_text_are_disjoint_prose():

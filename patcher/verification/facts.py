@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from patcher.scoring import reproduces
+from patcher.scoring import target_leads
 from patcher.tokens import encode_prompt, encode_target, pad_id
+
+
+def leads(model, tokenizer, facts: Sequence[tuple[str, str]]) -> list[float]:
+    """For each (prompt, target): the smallest lead, in nats, of a target token's logit over
+    the best other token's (`scoring.target_leads`); positive exactly when it is answered."""
+    encoded = [(encode_prompt(tokenizer, p), encode_target(tokenizer, t)) for p, t in facts]
+    return target_leads(model, encoded, pad_id(tokenizer))
 
 
 def answered(model, tokenizer, facts: Sequence[tuple[str, str]]) -> list[bool]:
     """For each (prompt, target): would greedy decoding reproduce every target token?"""
-    encoded = [(encode_prompt(tokenizer, p), encode_target(tokenizer, t)) for p, t in facts]
-    return reproduces(model, encoded, pad_id(tokenizer))
+    return [lead > 0 for lead in leads(model, tokenizer, facts)]
 
 
 def accuracy(model, tokenizer, facts: Sequence[tuple[str, str]]) -> float:
