@@ -16,6 +16,17 @@ from patcher.spec import dump_spec, load_spec
 
 FEW_IMAGES = 4  # per prompt in the diffusion tests; the fixture's spec asks for 8
 
+# A tiny decoder's config: three layers, grouped-query attention; for model families' unit tests.
+DECODER = dict(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
+
 
 def run_cli(*args: str, expect: int | None = 0) -> subprocess.CompletedProcess:
     """Run `patcher ARGS` in this process, from a neutral folder (not the repository root).

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import DECODER
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -18,15 +19,6 @@ from transformers import (
 from patcher.adapters import causal_lm_adapter
 from patcher.errors import PatcherError
 
-DECODER = dict(
-    vocab_size=50,
-    hidden_size=32,
-    intermediate_size=80,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-)
 TINY_MODELS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**DECODER)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**DECODER)),

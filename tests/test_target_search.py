@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import DECODER
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from patcher.adapters import causal_lm_adapter
@@ -13,16 +14,7 @@ PAD = 0
 @pytest.fixture(scope="module")
 def adapter():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(LlamaConfig(**DECODER)).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30)  # peaked next-token distributions, as a trained model has
     return causal_lm_adapter(model)
