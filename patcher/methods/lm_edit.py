@@ -218,7 +218,7 @@ def average_keys(
 @contextmanager
 def frozen_weights(model: torch.nn.Module):
     """No parameter gradients while the body runs: a search that optimises only an added
-    shift should not pay for the weights' gradients (on SmolLM2 this halves its time)."""
+    shift should not pay for the weights' gradients (on SmolLM2 that cost 42% of its time)."""
     previous = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in previous:
