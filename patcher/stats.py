@@ -23,6 +23,7 @@ from patcher import kernels
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
+from patcher.models import trainable_only
 from patcher.resume import Batch, BatchRun, Checkpointer
 from patcher.tokens import pad_id, right_padded
 
@@ -177,32 +178,25 @@ def collect_fisher(
 
         return hook
 
-    previous = {p: p.requires_grad for p in model.parameters()}
     run = BatchRun(batches, sums, checkpointer, "fisher", total)
     handles = [module.register_forward_hook(track(name)) for name, module in modules.items()]
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in modules.values():
-            module.weight.requires_grad_(True)
-        for ids, mask in run:
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            targets, counted = ids[:, 1:], mask[:, 1:].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            per_sample = (nll * counted).sum(1) / counted.sum(1).clamp(min=1)
-            per_sample.sum().backward()
-            in_batch = int((counted.sum(1) > 0).sum())
-            if batch_mean:
-                for name, summed in batch_sums.items():
-                    sums[name] += summed.square() / max(in_batch, 1)  # B_k · (Σ g / B_k)²
-                    summed.zero_()
+        with trainable_only(model, [module.weight for module in modules.values()]):
+            for ids, mask in run:
+                ids, mask = ids.to(device), mask.to(device)
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                targets, counted = ids[:, 1:], mask[:, 1:].float()
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+                per_sample = (nll * counted).sum(1) / counted.sum(1).clamp(min=1)
+                per_sample.sum().backward()
+                in_batch = int((counted.sum(1) > 0).sum())
+                if batch_mean:
+                    for name, summed in batch_sums.items():
+                        sums[name] += summed.square() / max(in_batch, 1)  # B_k · (Σ g / B_k)²
+                        summed.zero_()
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in previous.items():
-            p.requires_grad_(flag)
-            p.grad = None
     kind = "fisher-batch-mean" if batch_mean else "fisher"
     return FisherDiagonals({name: adapter.to_param_layout(s) for name, s in sums.items()}, run.done.samples, kind)
 
