@@ -25,14 +25,7 @@ TINY_MODELS = {
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DECODER)),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_inner=80, n_layer=3, n_head=4)),
     "gpt_neox": lambda: GPTNeoXForCausalLM(
-        GPTNeoXConfig(
-            vocab_size=50,
-            hidden_size=32,
-            intermediate_size=80,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-        )
+        GPTNeoXConfig(**{k: v for k, v in DECODER.items() if k != "num_key_value_heads"})
     ),
 }
 
