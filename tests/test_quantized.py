@@ -103,6 +103,8 @@ def test_solve_in_box_on_subspace_matches_a_general_qp_solver():
     assert ((delta >= lower - 1e-12) & (delta <= upper + 1e-12)).all()
     np.testing.assert_allclose(delta @ basis @ basis.T, delta, atol=1e-5)  # rows in the subspace
     np.testing.assert_allclose(delta, reference.x.reshape(2, 3) @ basis.T, atol=1e-4)
+    stopped = solve_in_box_on_subspace(*as_torch, iterations=20000, tolerance=1e-7).numpy()
+    np.testing.assert_allclose(stopped, reference.x.reshape(2, 3) @ basis.T, atol=1e-4)
     loose = solve_in_box_on_subspace(*as_torch[:3], *(b * 1e6 for b in as_torch[3:]), iterations=2000).numpy()
     unconstrained = np.linalg.solve(basis.T @ system @ basis, basis.T @ rhs.T).T @ basis.T
     np.testing.assert_allclose(loose, unconstrained, atol=1e-8)

@@ -15,6 +15,8 @@ from patcher.methods.protect import protected_moments
 from patcher.methods.robust import Robustness, box_solver
 from patcher.methods.rounds import DEFAULT_MARGIN, DEFAULT_ROUNDS, erase_in_rounds
 
+Spectrum = tuple[torch.Tensor, torch.Tensor]  # (eigenvalues, eigenvectors) of a key covariance
+
 DEFAULT_NULLSPACE_THRESHOLD = 1e-2
 DEFAULT_L2 = 10.0
 # Under --robust-to the scale envelopes bound every entry of the update, the job a tight
@@ -27,13 +29,14 @@ ROBUST_THRESHOLD_FACTOR = 5.0
 DEFAULT_ESCALATION = 2.0
 
 
-def nullspace_basis(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+def nullspace_basis(cov: torch.Tensor, threshold: float, spectrum: Spectrum | None = None) -> torch.Tensor:
     """U₀: the eigenvectors of C whose eigenvalue is below `threshold` × the largest (d_k, r).
 
     The threshold is relative to the spectrum's top so one setting fits models whose keys
-    have different scales.
+    have different scales. `spectrum`, C's eigendecomposition if already computed, saves
+    computing it again when only the threshold changes.
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
+    eigenvalues, eigenvectors = spectrum if spectrum is not None else torch.linalg.eigh(cov.double())
     null = eigenvectors[:, eigenvalues < threshold * eigenvalues.max()]
     if null.shape[1] == 0:
         raise PatcherError(
@@ -86,12 +89,14 @@ def alphaedit(inputs: EditInputs) -> Deltas:
     l2 = hparam(inputs, "l2", DEFAULT_L2)
     batch_size = hparam(inputs, "batch_size", max(len(spec.forget), 1))
     covariances = {layer: inputs.stats.mean(adapter.down_proj_name(layer)) for layer in layers}
+    # Rounds only change the threshold: each layer's eigendecomposition is computed once.
+    spectra = {layer: torch.linalg.eigh(covariances[layer].double()) for layer in layers}
     bases: dict[int, torch.Tensor] = {}
     projectors: dict[int, torch.Tensor] = {}
 
     def use_threshold(value: float) -> None:
         for layer in layers:
-            bases[layer] = nullspace_basis(covariances[layer], value)
+            bases[layer] = nullspace_basis(covariances[layer], value, spectra[layer])
             projectors[layer] = bases[layer] @ bases[layer].T
 
     use_threshold(threshold)

@@ -21,16 +21,20 @@ from patcher.adapters import CausalLMAdapter
 from patcher.formats.quantized import check_format, scale_envelope
 from patcher.methods.lm_edit import LayerSolver
 
+CONVERGENCE_CHECK_EVERY = 10  # iterations between convergence checks, which cost a few norms
+
 # (layer, keys K, residuals R) -> (A, B): the method's objective tr(ΔAΔᵀ) − 2tr(ΔBᵀ).
 Quadratic = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class Robustness:
-    """Which quantized formats the edit must survive, and the effort spent on each box solve."""
+    """Which quantized formats the edit must survive, and the effort spent on each box solve:
+    `iterations`, or fewer for a solver that converges to within `tolerance` sooner."""
 
     formats: tuple[str, ...]
     iterations: int = 500
+    tolerance: float = 1e-4
 
     def __post_init__(self) -> None:
         for fmt in self.formats:
@@ -38,11 +42,18 @@ class Robustness:
 
 
 def solve_in_box(
-    system: torch.Tensor, rhs: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, iterations: int
+    system: torch.Tensor,
+    rhs: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    iterations: int,
 ) -> torch.Tensor:
     """argmin tr(Δ A Δᵀ) − 2 tr(Δ Bᵀ) subject to lower ≤ Δ ≤ upper (A symmetric positive definite).
 
-    Accelerated projected gradient (FISTA) from the clamped unconstrained solution B A⁻¹.
+    Accelerated projected gradient (FISTA) from the clamped unconstrained solution B A⁻¹, for
+    all `iterations`: with a step of 1/λ_max(A), a small step on an ill-conditioned A does
+    not mean Δ is near the optimum (stopping on it left 4 of the LM fixture's 24 facts
+    answered), so there is no early stop.
     """
     system, rhs = system.double(), rhs.double()
     step = 1.0 / torch.linalg.eigvalsh(system).max()
@@ -63,12 +74,14 @@ def solve_in_box_on_subspace(
     lower: torch.Tensor,
     upper: torch.Tensor,
     iterations: int,
+    tolerance: float = 0.0,
 ) -> torch.Tensor:
     """argmin tr(Δ A Δᵀ) − 2 tr(Δ Bᵀ) over Δ = Y Uᵀ (rows in the span of the orthonormal
     columns of U) subject to lower ≤ Δ ≤ upper.
 
     ADMM on the split Z = Y Uᵀ: an exact quadratic step in the subspace coordinates Y, a
-    clamp for Z, a dual update. The returned Δ lies in the subspace exactly and is clamped
+    clamp for Z, a dual update; stopped early once both the split's gap and Z's change are
+    under `tolerance` of Z's norm. The returned Δ lies in the subspace exactly and is clamped
     into the box (a residual violation of at most the ADMM tolerance).
     """
     system, rhs, basis = system.double(), rhs.double(), basis.double()
@@ -77,15 +90,32 @@ def solve_in_box_on_subspace(
     rho = 2 * (eigenvalues.max() * eigenvalues.min().clamp(min=1e-12)).sqrt()
     inverse = eigenvectors @ torch.diag(1 / (2 * eigenvalues + rho)) @ eigenvectors.T
     fitted_rhs = 2 * rhs @ basis
-    box = torch.zeros_like(rhs)
+
+    # The quadratic step in Δ's own coordinates: Δ = Δ₀ + (Z − dual) M with M = ρ U S Uᵀ, one
+    # (d_k, d_k) product per iteration instead of three through the r coordinates (on
+    # SmolLM2, r = 1491 of d_k = 1536).
+    lifted = basis @ inverse
+    start = fitted_rhs @ lifted.T
+    mixing = rho * lifted @ basis.T
+    box = start.clamp(lower, upper)
     dual = torch.zeros_like(rhs)
-    coords = fitted_rhs @ inverse
-    for _ in range(iterations):
-        coords = (fitted_rhs + rho * (box - dual) @ basis) @ inverse
-        delta = coords @ basis.T
-        box = (delta + dual).clamp(lower, upper)
-        dual = dual + delta - box
+    for iteration in range(1, iterations + 1):
+        delta = torch.addmm(start, box - dual, mixing)
+        following = (delta + dual).clamp(lower, upper)
+        dual += delta - following
+        converged = iteration % CONVERGENCE_CHECK_EVERY == 0 and (
+            _moved_less(delta, following, tolerance) and _moved_less(following, box, tolerance)
+        )
+        box = following
+        if converged:
+            break
+    coords = (fitted_rhs + rho * (box - dual) @ basis) @ inverse  # the last Y, so Δ is in the span
     return (coords @ basis.T).clamp(lower, upper)
+
+
+def _moved_less(new: torch.Tensor, old: torch.Tensor, tolerance: float) -> bool:
+    """Whether ‖new − old‖ is at most `tolerance` times ‖new‖."""
+    return bool((new - old).norm() <= tolerance * new.norm())
 
 
 def box_solver(
@@ -113,6 +143,8 @@ def box_solver(
         lower, upper = -envelope[layer] - weight, envelope[layer] - weight
         if subspace is None:
             return solve_in_box(system, rhs, lower, upper, robustness.iterations)
-        return solve_in_box_on_subspace(system, rhs, subspace(layer), lower, upper, robustness.iterations)
+        return solve_in_box_on_subspace(
+            system, rhs, subspace(layer), lower, upper, robustness.iterations, robustness.tolerance
+        )
 
     return solve
