@@ -214,10 +214,15 @@ def locate(model: str | None, spec_path: Path, as_json: bool, trust_remote_code:
 @click.argument("model", required=False)
 @click.option("--spec", "spec_path", type=click.Path(path_type=Path), required=True)
 @click.option(
-    "--method", default=None, help="causal LMs: memit, alphaedit or ga; pipelines: uce or rece (default: the spec's)"
+    "--method",
+    default=None,
+    help="causal LMs: memit, alphaedit, fila or ga; text-to-image pipelines: uce or rece; "
+    "classifiers: ssd (default: the spec's)",
 )
 @click.option(
-    "--robust-to", default=None, help="comma-separated quantized formats the edit must survive: int8,nf4,fp4"
+    "--robust-to",
+    default=None,
+    help="comma-separated quantized formats the edit must survive, of int8, nf4, fp4 and int4 (memit, alphaedit)",
 )
 @click.option("--stats", "stats_path", type=click.Path(path_type=Path), default=None)
 @click.option("--layers", default=None, help=f"{LAYERS_HELP} (default: the spec's)")

@@ -1,6 +1,7 @@
 """The CLI on bad input: one line on stderr, exit code 2, no traceback, nothing written."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,10 @@ from helpers import run_cli, run_cli_process
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from patcher.erase import ROBUST_METHODS
 from patcher.fixtures import knowledge
+from patcher.formats.quantized import QUANTIZED_FORMATS
+from patcher.methods import METHODS
 from patcher.spec import dump_spec, load_spec
 
 
@@ -63,6 +67,14 @@ def test_target_the_tokenizer_cannot_encode(lm_fixture, tmp_path):
     spec = edited_spec(lm_fixture, tmp_path, lambda raw: raw["forget"][0].update(target="Zanzibar"))
     result = run_cli("erase", "--spec", str(spec), "--out", str(tmp_path / "p.safetensors"), expect=2)
     assert_bad_input(result, "'Zanzibar' has words the tokenizer cannot encode")
+
+
+def test_erase_help_lists_every_method_and_robust_format():
+    help_text = " ".join(run_cli("erase", "--help").stdout.split())
+    method_help = help_text[help_text.index("--method") : help_text.index("--robust-to")]
+    robust_help = help_text[help_text.index("--robust-to") : help_text.index("--stats")]
+    assert all(re.search(rf"\b{name}\b", method_help) for name in METHODS), method_help
+    assert all(re.search(rf"\b{name}\b", robust_help) for name in (*QUANTIZED_FORMATS, *ROBUST_METHODS)), robust_help
 
 
 def test_the_lm_fixtures_options_are_refused_for_smollm2s_demo(tmp_path):
