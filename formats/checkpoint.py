@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from patcher.errors import PatcherError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # diffusers' own models (UNet, VAE) use this stem; transformers components use "model".
@@ -33,7 +35,7 @@ class Checkpoint:
         for component in components or [""]:
             self._add_weights(self.folder / component, f"{component}/" if component else "")
         if not self.shard_of:
-            raise FileNotFoundError(
+            raise PatcherError(
                 f"{self.folder} holds no {SINGLE_FILE} or {INDEX_FILE}: "
                 "save the model with save_pretrained(..., safe_serialization=True)"
             )
@@ -44,6 +46,12 @@ class Checkpoint:
             if index.is_file():
                 weight_map = json.loads(index.read_text())["weight_map"]
                 shards = {name: folder / shard for name, shard in weight_map.items()}
+                missing = sorted({shard.name for shard in shards.values() if not shard.is_file()})
+                if missing:
+                    raise PatcherError(
+                        f"{folder} is missing {', '.join(missing)}, which {index.name} lists: "
+                        "copy or download the complete checkpoint"
+                    )
             elif single.is_file():
                 with safe_open(single, framework="pt") as f:
                     shards = dict.fromkeys(f.keys(), single)  # noqa: SIM118

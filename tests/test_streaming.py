@@ -2,6 +2,7 @@
 and a killed or interrupted apply/export leaves nothing under the target name."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,18 @@ def test_apply_writes_base_plus_delta_shard_by_shard_within_one_shard_of_memory(
         assert torch.equal(patched.tensor(name), expected), name
     model = AutoModelForCausalLM.from_pretrained(out)  # transformers reads the rewritten shards
     torch.testing.assert_close(model.model.layers[2].mlp.down_proj.weight, patched.tensor(PATCHED[1]))
+
+
+def test_a_missing_shard_is_one_line_and_exit_2(small_sharded, tmp_path):
+    patch_file = patch_for(small_sharded).save(tmp_path / "patch.safetensors")
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(small_sharded, incomplete)
+    lost = sorted(incomplete.glob("model-*.safetensors"))[-1]
+    lost.unlink()
+    result = run_cli("apply", str(incomplete), str(patch_file), "--out", str(tmp_path / "out"), expect=2)
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"is missing {lost.name}, which model.safetensors.index.json lists" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
