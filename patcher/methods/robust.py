@@ -42,11 +42,7 @@ class Robustness:
 
 
 def solve_in_box(
-    system: torch.Tensor,
-    rhs: torch.Tensor,
-    lower: torch.Tensor,
-    upper: torch.Tensor,
-    iterations: int,
+    system: torch.Tensor, rhs: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, iterations: int
 ) -> torch.Tensor:
     """argmin tr(Δ A Δᵀ) − 2 tr(Δ Bᵀ) subject to lower ≤ Δ ≤ upper (A symmetric positive definite).
 
