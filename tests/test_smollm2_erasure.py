@@ -18,13 +18,14 @@ pytestmark = pytest.mark.slow
 ERASED = 10  # of the fixture's 40 forget facts
 
 
-def greedy_answers(model, tokenizer, prompts: list[str], target_words: int = 4) -> list[str]:
-    """What transformers' own greedy `generate` continues each prompt with."""
+def greedy_answers(model, tokenizer, prompts: list[str], new_tokens: int = 12) -> list[str]:
+    """What transformers' own greedy `generate` continues each prompt with (enough tokens for
+    the longest target)."""
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         generated = model.generate(
-            **batch, do_sample=False, max_new_tokens=3 * target_words, pad_token_id=tokenizer.pad_token_id
+            **batch, do_sample=False, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id
         )
     return [
         text.strip()
