@@ -43,7 +43,7 @@ def test_memit_update_is_the_minimiser():
 
 def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     """P = U₀U₀ᵀ over AlphaEdit's null-space basis."""
-    basis = nullspace_basis(cov, threshold)
+    basis = nullspace_basis(torch.linalg.eigh(cov.double()), threshold)
     return basis @ basis.T
 
 

@@ -29,14 +29,15 @@ ROBUST_THRESHOLD_FACTOR = 5.0
 DEFAULT_ESCALATION = 2.0
 
 
-def nullspace_basis(cov: torch.Tensor, threshold: float, spectrum: Spectrum | None = None) -> torch.Tensor:
-    """U₀: the eigenvectors of C whose eigenvalue is below `threshold` × the largest (d_k, r).
+def nullspace_basis(spectrum: Spectrum, threshold: float) -> torch.Tensor:
+    """U₀: the eigenvectors of C whose eigenvalue is below `threshold` × the largest (d_k, r),
+    from C's eigendecomposition (`torch.linalg.eigh`), computed once while rounds change
+    the threshold.
 
     The threshold is relative to the spectrum's top so one setting fits models whose keys
-    have different scales. `spectrum`, C's eigendecomposition if already computed, saves
-    computing it again when only the threshold changes.
+    have different scales.
     """
-    eigenvalues, eigenvectors = spectrum if spectrum is not None else torch.linalg.eigh(cov.double())
+    eigenvalues, eigenvectors = spectrum
     null = eigenvectors[:, eigenvalues < threshold * eigenvalues.max()]
     if null.shape[1] == 0:
         raise PatcherError(
@@ -88,15 +89,13 @@ def alphaedit(inputs: EditInputs) -> Deltas:
         threshold = hparam(inputs, "robust_nullspace_threshold", ROBUST_THRESHOLD_FACTOR * threshold)
     l2 = hparam(inputs, "l2", DEFAULT_L2)
     batch_size = hparam(inputs, "batch_size", max(len(spec.forget), 1))
-    covariances = {layer: inputs.stats.mean(adapter.down_proj_name(layer)) for layer in layers}
-    # Rounds only change the threshold: each layer's eigendecomposition is computed once.
-    spectra = {layer: torch.linalg.eigh(covariances[layer].double()) for layer in layers}
+    spectra = {layer: torch.linalg.eigh(inputs.stats.mean(adapter.down_proj_name(layer)).double()) for layer in layers}
     bases: dict[int, torch.Tensor] = {}
     projectors: dict[int, torch.Tensor] = {}
 
     def use_threshold(value: float) -> None:
         for layer in layers:
-            bases[layer] = nullspace_basis(covariances[layer], value, spectra[layer])
+            bases[layer] = nullspace_basis(spectra[layer], value)
             projectors[layer] = bases[layer] @ bases[layer].T
 
     use_threshold(threshold)

@@ -76,8 +76,8 @@ def solve_in_box_on_subspace(
     columns of U) subject to lower ≤ Δ ≤ upper.
 
     ADMM on the split Z = Y Uᵀ: an exact quadratic step in the subspace coordinates Y, a
-    clamp for Z, a dual update; stopped early once both the split's gap and Z's change are
-    under `tolerance` of Z's norm. The returned Δ lies in the subspace exactly and is clamped
+    clamp for Z, a dual update; stopped early once both the split's gap ‖Δ − Z‖ and Z's
+    change are under `tolerance` of the norm of Δ and of Z. The returned Δ lies in the subspace exactly and is clamped
     into the box (a residual violation of at most the ADMM tolerance).
     """
     system, rhs, basis = system.double(), rhs.double(), basis.double()
