@@ -1,7 +1,8 @@
 """Whether a causal LM reproduces a target: the one rule both edits and verification use.
 
 Teacher-forced in one batched pass: greedy decoding reproduces the target exactly when the
-argmax at each target position is that target token.
+argmax at each target position is that target token. `target_leads` takes token ids;
+`leads`, `answered` and `accuracy` take (prompt, target) text pairs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from patcher.tokens import right_padded
+from patcher.tokens import encode_prompt, encode_target, pad_id, right_padded
 
 
 @torch.no_grad()
@@ -34,3 +35,23 @@ def target_leads(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int
             others = scores.scatter(1, torch.tensor(target).view(-1, 1), float("-inf")).amax(1)
             leads.append(float((wanted - others).min()))
     return leads
+
+
+def leads(model, tokenizer, facts: Sequence[tuple[str, str]]) -> list[float]:
+    """For each (prompt, target): the smallest lead, in nats, of a target token's logit over
+    the best other token's (`scoring.target_leads`); positive exactly when it is answered."""
+    encoded = [(encode_prompt(tokenizer, p), encode_target(tokenizer, t)) for p, t in facts]
+    return target_leads(model, encoded, pad_id(tokenizer))
+
+
+def answered(model, tokenizer, facts: Sequence[tuple[str, str]]) -> list[bool]:
+    """For each (prompt, target): would greedy decoding reproduce every target token?"""
+    return [lead > 0 for lead in leads(model, tokenizer, facts)]
+
+
+def accuracy(model, tokenizer, facts: Sequence[tuple[str, str]]) -> float:
+    """Share of facts the model answers top-1 (see `answered`); 0.0 for an empty list."""
+    if not facts:
+        return 0.0
+    hits = answered(model, tokenizer, facts)
+    return sum(hits) / len(hits)

@@ -15,10 +15,9 @@ from patcher.methods.alphaedit import DEFAULT_L2
 from patcher.methods.lm_edit import deltas_applied
 from patcher.methods.memit import DEFAULT_MOM2_WEIGHT
 from patcher.methods.protect import seen_by_erase
-from patcher.scoring import target_leads
+from patcher.scoring import answered, target_leads
 from patcher.spec import load_spec
 from patcher.tokens import encode_prompt, encode_target, pad_id
-from patcher.verification.facts import answered
 
 
 def test_ladder_gets_gentler_from_the_spec_values():

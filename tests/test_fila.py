@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patcher.formats.patch import Patch
 from patcher.methods.fila import fila_init, inverted_hinge_loss
+from patcher.scoring import accuracy
 from patcher.spec import dump_spec, load_spec
-from patcher.verification.facts import accuracy
 
 
 def test_fila_init_is_the_row_weighted_best_low_rank_approximation():

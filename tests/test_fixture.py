@@ -4,8 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patcher.fixtures import knowledge, lm
+from patcher.scoring import accuracy
 from patcher.spec import load_spec
-from patcher.verification.facts import accuracy
 
 
 def test_knowledge_base_shape_and_determinism():

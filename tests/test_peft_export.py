@@ -7,8 +7,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patcher.formats.patch import Patch
+from patcher.scoring import accuracy
 from patcher.spec import load_spec
-from patcher.verification.facts import accuracy
 
 
 def test_memit_patch_as_a_peft_adapter_keeps_the_erasure(lm_fixture, memit_patch, tmp_path):

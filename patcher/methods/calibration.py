@@ -24,8 +24,8 @@ from patcher.methods import Deltas, alphaedit, memit
 from patcher.methods.lm_edit import deltas_applied
 from patcher.methods.protect import seen_by_erase
 from patcher.methods.rounds import DEFAULT_MARGIN, in_each_format
+from patcher.scoring import answered
 from patcher.spec import Spec
-from patcher.verification.facts import answered
 
 # The [erase] key that weighs what the statistics preserve, per method, and its default.
 PRESERVATION = {"memit": ("mom2_weight", memit.DEFAULT_MOM2_WEIGHT), "alphaedit": ("l2", alphaedit.DEFAULT_L2)}

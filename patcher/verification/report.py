@@ -13,8 +13,8 @@ from patcher.formats.atomic import atomic_path
 from patcher.formats.hf import PROVENANCE_FILE
 from patcher.formats.quantized import dequantized_weight
 from patcher.models import detect_family
+from patcher.scoring import accuracy
 from patcher.spec import Gates, Spec
-from patcher.verification.facts import accuracy
 from patcher.verification.formats import check_formats, load_artifact, load_format, load_full_precision
 from patcher.verification.perplexity import perplexity
 
