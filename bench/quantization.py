@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from patcher.erase import erase
+from patcher.erasure import erase
 from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder
 from patcher.spec import load_spec

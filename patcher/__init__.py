@@ -1,3 +1,40 @@
-"""patcher: compute, export and verify weight patches that erase knowledge from models."""
+"""patcher: compute, export and verify weight patches that erase knowledge from models.
+
+The public API, imported on first use so that `import patcher` stays fast::
+
+    spec = patcher.load_spec("lm/spec.toml")
+    patch = patcher.erase(spec, "lm", method="alphaedit")
+    patcher.apply("lm", patch, "lm-patched")
+    report = patcher.verify("lm", "lm-patched", spec)
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute)
+_PUBLIC = {
+    "load_spec": ("patcher.spec", "load_spec"),
+    "erase": ("patcher.erasure", "erase"),
+    "Patch": ("patcher.formats.patch", "Patch"),
+    "apply": ("patcher.api", "apply"),
+    "export": ("patcher.exporting", "export_model"),
+    "verify": ("patcher.verification.report", "verify"),
+    "release": ("patcher.api", "release"),
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'patcher' has no attribute {name!r}")
+    module, attribute = _PUBLIC[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

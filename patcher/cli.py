@@ -198,7 +198,7 @@ def stats(
 def locate(model: str | None, spec_path: Path, as_json: bool, trust_remote_code: bool) -> None:
     """Per layer and head, the attention the spec's prompts pay to their subjects; the layers erase picks."""
     from patcher.adapters import causal_lm_adapter
-    from patcher.erase import model_dir_for
+    from patcher.erasure import model_dir_for
     from patcher.locate import locate as locate_subjects
     from patcher.models import load_causal_lm
     from patcher.spec import load_spec
@@ -239,7 +239,7 @@ def erase(
     trust_remote_code: bool,
 ) -> None:
     """Compute the edit that erases the spec's facts and write it as a patch file."""
-    from patcher.erase import erase as run_erase
+    from patcher.erasure import erase as run_erase
     from patcher.spec import load_spec
 
     spec = load_spec(spec_path)
@@ -288,7 +288,7 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, trust_remote_cod
 @click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
 def export(model_dir: str, fmt: str, out: Path, patch_path: Path | None, rank: int | None, force: bool) -> None:
     """Export a model folder (with an optional patch applied) to a shippable format."""
-    from patcher.export import export_model
+    from patcher.exporting import export_model
     from patcher.formats.patch import Patch
     from patcher.models import resolve_model_dir
 
@@ -339,7 +339,7 @@ def release(spec_path: Path, out: Path, as_json: bool, trust_remote_code: bool) 
 
     Exit 0 when every gate passes, 1 when one fails (the table names it), 2 on bad input.
     """
-    from patcher.release import prepare, run_release
+    from patcher.releasing import prepare, run_release
     from patcher.verification.report import failures_by_format, report_table
 
     done = run_release(prepare(spec_path, out, trust_remote_code))

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from patcher.erase import erase
+from patcher.erasure import erase
 from patcher.errors import PatcherError
 from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from patcher.adapters import causal_lm_adapter
 from patcher.distributed import World, join_world
-from patcher.erase import resolve_layers
+from patcher.erasure import resolve_layers
 from patcher.errors import PatcherError
 from patcher.imagesets import ImageSet
 from patcher.models import detect_family, load_causal_lm, load_classifier, model_fingerprint, resolve_model_dir

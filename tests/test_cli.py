@@ -11,7 +11,7 @@ from helpers import run_cli, run_cli_process
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from patcher.erase import ROBUST_METHODS
+from patcher.erasure import ROBUST_METHODS
 from patcher.fixtures import knowledge
 from patcher.formats.quantized import QUANTIZED_FORMATS
 from patcher.methods import METHODS

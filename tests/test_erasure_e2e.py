@@ -62,7 +62,7 @@ def test_demo_writes_a_passing_report(demo_run):
 
 def test_alphaedit_sequential_batches_do_not_undo_each_other(lm_fixture, tmp_path):
     """Two batches: keys of the first enter the second's solve, so the first stays erased."""
-    from patcher.erase import erase
+    from patcher.erasure import erase
     from patcher.formats.hf import write_model_folder
 
     spec = load_spec(lm_fixture / "spec.toml")

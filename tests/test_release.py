@@ -114,7 +114,7 @@ def test_diffusion_release_writes_the_pipeline_and_an_image_grid(diffusion_fixtu
 
 
 def test_release_runs_from_python(lm_fixture):
-    from patcher.release import prepare
+    from patcher.releasing import prepare
 
     release = prepare(lm_fixture / "spec.toml", Path("unused"))
     assert release.family == "causal-lm" and release.robust_to == ("int8", "nf4", "fp4")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from patcher.erase import erase
+from patcher.erasure import erase
 from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder
 from patcher.spec import load_spec

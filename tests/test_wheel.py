@@ -34,4 +34,4 @@ def test_the_wheel_holds_every_module_of_the_source_tree(tmp_path):
     (wheel,) = tmp_path.glob("patcher-*.whl")
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     assert source_modules() - shipped == set()
-    assert "patcher/release/run.py" in shipped and "patcher/kernels/__init__.py" in shipped
+    assert "patcher/releasing/run.py" in shipped and "patcher/kernels/__init__.py" in shipped

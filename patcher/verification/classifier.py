@@ -37,7 +37,7 @@ def class_metrics(model, images: ImageSet, forget_classes: list[int]) -> dict[st
 
 
 def verify_classifier(base: Path, patched: Path, spec: Spec, formats: list[str]) -> dict:
-    """Forget and retain accuracy of base and patched classifier; the report of DESIGN.md section 4."""
+    """Forget and retain accuracy of base and patched classifier; the report docs/formats.md describes."""
     unsupported = [f for f in formats if f not in CLASSIFIER_FORMATS]
     if unsupported:
         raise PatcherError(

@@ -96,14 +96,18 @@ def _is_matmul(module) -> bool:
 
 
 def verify(
-    base: Path, patched: Path, spec: Spec, formats: list[str] | None = None, artifacts: dict[str, Path] | None = None
+    base: str | Path,
+    patched: str | Path,
+    spec: Spec,
+    formats: list[str] | None = None,
+    artifacts: dict[str, Path] | None = None,
 ) -> dict:
-    """Evaluate base and patched model in every format; the report of DESIGN.md section 4.
+    """Evaluate base and patched model in every format; the report docs/formats.md describes.
 
     A causal LM's format with an exported folder in `artifacts` is graded on that artifact
     as its consumer loads it; the others are quantized or exported from `patched` on load.
     """
-    formats = formats or spec.formats
+    base, patched, formats = Path(base), Path(patched), formats or spec.formats
     family = detect_family(base) if spec.family == "auto" else spec.family
     if family == "t2i-unet":
         from patcher.verification.pipelines import verify_pipeline

@@ -1,5 +1,5 @@
 """`patcher release`: one command from spec to shippable, verified artifacts."""
 
-from patcher.release.run import Release, prepare, run_release
+from patcher.releasing.run import Release, prepare, run_release
 
 __all__ = ["Release", "prepare", "run_release"]

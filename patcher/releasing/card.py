@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from patcher.verification.report import failures_by_format
 
 if TYPE_CHECKING:
-    from patcher.release.run import Release
+    from patcher.releasing.run import Release
 
 # How a user loads each artifact; {path} is the artifact folder, {base} the base model.
 LOADERS = {

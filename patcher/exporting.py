@@ -21,7 +21,12 @@ PIPELINE_EXPORT_FORMATS = ("safetensors", "diffusers-lora", *ONNX_FORMATS)
 
 
 def export_model(
-    source: Path, fmt: str, out: Path, patch: Patch | None = None, force: bool = False, rank: int | None = None
+    source: str | Path,
+    fmt: str,
+    out: str | Path,
+    patch: Patch | None = None,
+    force: bool = False,
+    rank: int | None = None,
 ) -> Path:
     """Write `source` (+ `patch`) to `out` as `fmt`; quantized formats go through a patched
     full-precision folder first, so the quantizer sees exactly the weights a user ships.
@@ -29,6 +34,7 @@ def export_model(
     `rank` fixes the rank of a LoRA export (default: the smallest rank keeping 99.9% of each
     delta's energy for peft, 99.75% for diffusers-lora).
     """
+    source, out = Path(source), Path(out)
     if fmt not in EXPORT_FORMATS:
         raise PatcherError(f"unknown export format {fmt!r}: supported formats: {', '.join(EXPORT_FORMATS)}")
     family = detect_family(source)

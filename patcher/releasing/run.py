@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patcher import __version__
-from patcher.erase import ROBUST_METHODS, erase, model_dir_for
+from patcher.erasure import ROBUST_METHODS, erase, model_dir_for
 from patcher.errors import PatcherError
-from patcher.export import EXPORT_FORMATS, PIPELINE_EXPORT_FORMATS, export_model
+from patcher.exporting import EXPORT_FORMATS, PIPELINE_EXPORT_FORMATS, export_model
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.hf import check_patch_fits
@@ -28,9 +28,9 @@ from patcher.formats.patch import Patch
 from patcher.formats.quantized import QUANTIZED_FORMATS
 from patcher.models import detect_family, model_fingerprint
 from patcher.progress import progress
-from patcher.release.card import model_card
-from patcher.release.html import report_html
-from patcher.release.stages import StageLog, digest
+from patcher.releasing.card import model_card
+from patcher.releasing.html import report_html
+from patcher.releasing.stages import StageLog, digest
 from patcher.spec import Spec, load_spec
 from patcher.verification.classifier import CLASSIFIER_FORMATS
 from patcher.verification.formats import FORMAT_LOADERS

@@ -10,11 +10,11 @@ import html
 import io
 from typing import TYPE_CHECKING
 
-from patcher.release.card import erased_items
+from patcher.releasing.card import erased_items
 from patcher.verification.report import failures_by_format
 
 if TYPE_CHECKING:
-    from patcher.release.run import Release
+    from patcher.releasing.run import Release
 
 GRID_SEEDS = 4
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
