@@ -13,6 +13,7 @@ from safetensors import safe_open
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint, safetensors_header
 from patcher.formats.patch import Patch, PatchError
+from patcher.formats.registry import ExportOptions, Target, register
 
 PROVENANCE_FILE = "patcher.json"  # which patch made this folder, read back by verify
 LEGACY_WEIGHT_PREFIXES = ("pytorch_model", "tf_model", "flax_model", "model.ckpt")
@@ -94,3 +95,36 @@ def _tensor_offsets(shard: Path) -> dict[str, int]:
     header, data_start = safetensors_header(shard)
     entries = json.loads(header)
     return {name: data_start + entry["data_offsets"][0] for name, entry in entries.items() if name != "__metadata__"}
+
+
+def load_causal_lm(folder: Path):
+    """Plain transformers, as a user loads the exported safetensors folder."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def _load_pipeline(folder: Path):
+    from patcher.models import load_pipeline
+
+    return load_pipeline(folder)
+
+
+def _load_classifier(folder: Path):
+    from patcher.models import load_classifier
+
+    return load_classifier(folder)
+
+
+def _export(source: Path, out: Path, patch: Patch | None, options: ExportOptions) -> None:
+    write_model_folder(source, out, patch, options.force)
+
+
+register(
+    Target("safetensors", "causal-lm", _export, load_causal_lm, load_causal_lm,
+           'AutoModelForCausalLM.from_pretrained("{path}")'),
+    Target("safetensors", "t2i-unet", _export, _load_pipeline, _load_pipeline,
+           'DiffusionPipeline.from_pretrained("{path}")'),
+    Target("safetensors", "classifier", _export, _load_classifier, _load_classifier,
+           'AutoModelForImageClassification.from_pretrained("{path}")'),
+)  # fmt: skip

@@ -14,7 +14,10 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
+from patcher.formats.checkpoint import Checkpoint
+from patcher.formats.hf import check_patch_fits
 from patcher.formats.patch import Patch
+from patcher.formats.registry import ExportOptions, Target, register
 
 # Share of each delta's energy (squared Frobenius norm) the factors keep: 1 − 0.05², so
 # the dropped part is at most 5% of the delta's norm (99% energy would allow 10%).
@@ -64,3 +67,19 @@ def export_diffusers_lora(
     with atomic_path(out, is_dir=True) as tmp:
         pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=LORA_FILE)
     return ranks
+
+
+def _export(source: Path, out: Path, patch: Patch | None, options: ExportOptions) -> None:
+    check_patch_fits(Checkpoint(source), patch, options.force)
+    export_diffusers_lora(source, patch, out, options.rank)
+
+
+register(
+    Target(
+        "diffusers-lora",
+        "t2i-unet",
+        _export,
+        snippet='DiffusionPipeline.from_pretrained("{base}").load_lora_weights("{path}")',
+        needs_patch=True,
+    )
+)

@@ -23,6 +23,7 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
+from patcher.formats.registry import Target, register, whole_model
 
 ONNX_FORMATS = ("onnx", "onnx-int8")
 ONNX_FILE = "model.onnx"
@@ -168,3 +169,18 @@ def load_onnx_lm(folder: str | Path, fmt: str) -> OnnxCausalLM:
         exported = Path(tmp) / fmt
         export_onnx(folder, fmt, exported)
         return OnnxCausalLM(exported / ONNX_FILE)  # the session holds the weights once created
+
+
+def _lm_target(fmt: str) -> Target:
+    note = "input_ids, attention_mask -> logits" if fmt == "onnx" else "ORT dynamic int8"
+    return Target(
+        fmt,
+        "causal-lm",
+        whole_model(lambda source, out: export_onnx(source, fmt, out)),
+        load=lambda folder: load_onnx_lm(folder, fmt),
+        load_artifact=lambda folder: OnnxCausalLM(folder / ONNX_FILE),
+        snippet=f'onnxruntime.InferenceSession("{{path}}/{ONNX_FILE}")  # {note}',
+    )
+
+
+register(*map(_lm_target, ONNX_FORMATS))

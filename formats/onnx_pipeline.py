@@ -23,6 +23,7 @@ import torch
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.onnx import ONNX_FILE, ONNX_FORMATS, export_graph, quantize_int8
+from patcher.formats.registry import Target, register, whole_model
 
 TOLERANCES = {"text_encoder": 1e-4, "unet": 1e-3, "vae_decoder": 1e-3}
 QUANTIZED_COMPONENTS = ("text_encoder", "unet")  # where the prompt meets the weights; the VAE stays fp32
@@ -166,3 +167,16 @@ def export_pipeline_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[
                 shutil.copytree(source / name, tmp / name)
         shutil.copy2(source / "model_index.json", tmp / "model_index.json")
     return differences
+
+
+def _pipeline_target(fmt: str) -> Target:
+    note = "also text_encoder/, vae_decoder/" if fmt == "onnx" else "int8 text encoder and UNet"
+    return Target(
+        fmt,
+        "t2i-unet",
+        whole_model(lambda source, out: export_pipeline_onnx(source, fmt, out)),
+        snippet=f'onnxruntime.InferenceSession("{{path}}/unet/{ONNX_FILE}")  # {note}',
+    )
+
+
+register(*map(_pipeline_target, ONNX_FORMATS))

@@ -19,6 +19,7 @@ from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.hf import check_patch_fits
 from patcher.formats.lora import low_rank_factors
 from patcher.formats.patch import Patch
+from patcher.formats.registry import ExportOptions, Target, register
 
 PEFT_ENERGY = 0.999  # share of each dense delta's energy the adapter keeps by default
 SUMMARY_FILE = "patcher_export.json"  # per module: rank and energy kept
@@ -70,3 +71,18 @@ def export_peft(
         peft_model.save_pretrained(tmp)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _export(source: Path, out: Path, patch: Patch | None, options: ExportOptions) -> None:
+    export_peft(source, patch, out, options.rank)
+
+
+register(
+    Target(
+        "peft",
+        "causal-lm",
+        _export,
+        snippet='PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{path}")',
+        needs_patch=True,
+    )
+)

@@ -20,6 +20,7 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
+from patcher.formats.registry import Target, register, whole_model
 
 BITSANDBYTES_FORMATS = {
     "int8": {"load_in_8bit": True},
@@ -289,3 +290,43 @@ def quantize_linears(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, quantized.to(linear.weight.device))  # moving a bnb parameter quantizes it
     return model.eval()
+
+
+def load_pipeline_quantized(folder: Path, fmt: str):
+    """The pipeline in `folder` with its UNet's linear layers in bitsandbytes `fmt` (text
+    encoder and autoencoder as they are): diffusers cannot save such a UNet on a CPU, so
+    verify quantizes it at load and nothing is exported."""
+    from diffusers import UNet2DConditionModel
+
+    from patcher.models import load_pipeline
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    return load_pipeline(folder, unet=quantize_linears(unet, fmt))
+
+
+_CARD_NOTES = {
+    "int8": "bitsandbytes LLM.int8",
+    "nf4": "bitsandbytes nf4",
+    "fp4": "bitsandbytes fp4",
+    "int4": "compressed-tensors W4A16; vLLM serves it",
+}
+
+
+def _lm_target(fmt: str) -> Target:
+    device = ', device_map="cpu"' if fmt in BITSANDBYTES_FORMATS else ""
+    return Target(
+        fmt,
+        "causal-lm",
+        whole_model(lambda source, out: export_quantized(source, fmt, out)),
+        load=lambda folder: load_quantized(folder, fmt),
+        load_artifact=lambda folder: load_exported(folder, fmt),
+        snippet=f'AutoModelForCausalLM.from_pretrained("{{path}}"{device})  # {_CARD_NOTES[fmt]}',
+        robust=True,
+    )
+
+
+def _pipeline_target(fmt: str) -> Target:
+    return Target(fmt, "t2i-unet", None, load=lambda folder: load_pipeline_quantized(folder, fmt))
+
+
+register(*map(_lm_target, QUANTIZED_FORMATS), *map(_pipeline_target, BITSANDBYTES_FORMATS))

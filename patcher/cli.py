@@ -181,7 +181,7 @@ def stats(
     Under `torchrun --nproc_per_node N` each rank takes a slice of the corpus and rank 0
     writes the summed statistics.
     """
-    from patcher.stats_job import run_stats
+    from patcher.stats.job import run_stats
 
     run = run_stats(
         model, corpus, out, parse_layers(layers), spec_path, kind, batch_size, checkpoint_every, trust_remote_code

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from patcher.erasure import erase
 from patcher.errors import PatcherError
+from patcher.exporting import export_model
 from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder
-from patcher.formats.onnx import ONNX_FORMATS, export_onnx
-from patcher.formats.quantized import export_quantized
+from patcher.formats.onnx import ONNX_FORMATS
 from patcher.spec import load_spec
 from patcher.verification.report import verify, write_report
 
@@ -58,10 +58,8 @@ def run_demo(
     timings["erase"] = time.perf_counter() - start
     start = time.perf_counter()
     write_model_folder(fixture, out / "safetensors", patch)
-    for fmt in quantized:
-        export_quantized(out / "safetensors", fmt, out / fmt)
-    for fmt in onnx_formats:
-        export_onnx(out / "safetensors", fmt, out / fmt)
+    for fmt in (*quantized, *onnx_formats):
+        export_model(out / "safetensors", fmt, out / fmt)
     timings["export"] = time.perf_counter() - start
     report = verify(fixture, out / "safetensors", spec, [*spec.formats, *onnx_formats])
     report["timings"].update({k: round(v, 3) for k, v in timings.items()})

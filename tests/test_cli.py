@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from patcher.erasure import ROBUST_METHODS
 from patcher.fixtures import knowledge
-from patcher.formats.quantized import QUANTIZED_FORMATS
+from patcher.formats.registry import format_names
 from patcher.methods import METHODS
 from patcher.spec import dump_spec, load_spec
 
@@ -74,7 +74,17 @@ def test_erase_help_lists_every_method_and_robust_format():
     method_help = help_text[help_text.index("--method") : help_text.index("--robust-to")]
     robust_help = help_text[help_text.index("--robust-to") : help_text.index("--stats")]
     assert all(re.search(rf"\b{name}\b", method_help) for name in METHODS), method_help
-    assert all(re.search(rf"\b{name}\b", robust_help) for name in (*QUANTIZED_FORMATS, *ROBUST_METHODS)), robust_help
+    robust = (*format_names(robust=True), *ROBUST_METHODS)
+    assert all(re.search(rf"\b{name}\b", robust_help) for name in robust), robust_help
+
+
+def test_export_help_lists_every_format_each_family_exports():
+    help_text = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(run_cli("export", "--help").stdout.split()))  # rewrap
+    to_help = help_text[help_text.index("--to") : help_text.index("--out")]
+    lm_part, pipeline_part = to_help.split("pipelines:")
+    assert all(re.search(rf"\b{name}\b", lm_part) for name in format_names("causal-lm", exported=True)), to_help
+    pipeline_formats = format_names("t2i-unet", exported=True)
+    assert all(re.search(rf"\b{name}\b", pipeline_part) for name in pipeline_formats), to_help
 
 
 def test_the_lm_fixtures_options_are_refused_for_smollm2s_demo(tmp_path):

@@ -13,8 +13,8 @@ from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from patcher.distributed import World
-from patcher.resume import Checkpointer, Progress
+from patcher.stats.distributed import World
+from patcher.stats.resume import Checkpointer, Progress
 
 
 def stats_args(fixture, corpus, out, kind: str, *extra: str) -> list[str]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from patcher.imagesets import ImageSet
 from patcher.methods.ssd import SSDHparams, dampened
-from patcher.per_sample import classifier_loss, per_sample_fisher
+from patcher.stats.per_sample import classifier_loss, per_sample_fisher
 
 
 class TinyConvNet(nn.Module):

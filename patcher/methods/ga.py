@@ -4,7 +4,7 @@ Ascends the forget targets' negative log-likelihood while descending the languag
 loss on the preservation corpus, with a small step, and stops as soon as no forget fact is
 answered in full precision. Zhang et al. ("Catastrophic Failure of LLM Unlearning via
 Quantization") report that 4-bit quantization undoes this recipe on 7B models; on the LM
-fixture it does not (the README says why), and `patcher verify` fails it on retain.
+fixture it does not (docs/quantization.md says why), and `patcher verify` fails it on retain.
 """
 
 from __future__ import annotations

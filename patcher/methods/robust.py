@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from patcher.adapters import CausalLMAdapter
+from patcher.errors import PatcherError
 from patcher.formats.quantized import check_format, scale_envelope
+from patcher.formats.registry import format_names
 from patcher.methods.lm_edit import LayerSolver
 
 CONVERGENCE_CHECK_EVERY = 10  # iterations between convergence checks, which cost a few norms
@@ -37,8 +39,11 @@ class Robustness:
     tolerance: float = 1e-4
 
     def __post_init__(self) -> None:
+        accepted = format_names("causal-lm", robust=True)
         for fmt in self.formats:
-            check_format(fmt)  # a clear error for unknown formats or a missing library
+            if fmt not in accepted:
+                raise PatcherError(f"--robust-to {fmt}: an edit can be made robust to {', '.join(accepted)}")
+            check_format(fmt)  # a clear error for a missing library
 
 
 def solve_in_box(

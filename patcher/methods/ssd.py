@@ -3,7 +3,7 @@
 Two Fisher passes, no training: a parameter that matters far more to the forget data than
 to the full data (F_f > α F_D, mean per-sample diagonal Fisher) is dampened by
 β = min(λ F_D / F_f, 1), so θ′ = β θ. The public code squares each mini-batch's mean
-gradient; here both Fishers are exact per sample (`patcher.per_sample`).
+gradient; here both Fishers are exact per sample (`patcher.stats.per_sample`).
 
 With exact Fishers the full data's mean includes the forget samples, so F_f / F_D never
 exceeds N / n_f (full over forget sample count): SSD's default α = 10, tuned on squared
@@ -25,8 +25,8 @@ from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.imagesets import ImageSet
 from patcher.methods import Deltas, EditInputs, hparam, register
-from patcher.per_sample import SampleLoss, classifier_loss, lm_loss, per_sample_fisher
 from patcher.stats import read_corpus
+from patcher.stats.per_sample import SampleLoss, classifier_loss, lm_loss, per_sample_fisher
 from patcher.tokens import pad_id, right_padded
 
 

@@ -4,33 +4,14 @@ how to load each artifact with its own library."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from patcher.formats.registry import get_target
 from patcher.verification.report import failures_by_format
 
 if TYPE_CHECKING:
     from patcher.releasing.run import Release
-
-# How a user loads each artifact; {path} is the artifact folder, {base} the base model.
-LOADERS = {
-    "causal-lm": {
-        "safetensors": 'AutoModelForCausalLM.from_pretrained("{path}")',
-        "int8": 'AutoModelForCausalLM.from_pretrained("{path}", device_map="cpu")  # bitsandbytes LLM.int8',
-        "nf4": 'AutoModelForCausalLM.from_pretrained("{path}", device_map="cpu")  # bitsandbytes nf4',
-        "fp4": 'AutoModelForCausalLM.from_pretrained("{path}", device_map="cpu")  # bitsandbytes fp4',
-        "int4": 'AutoModelForCausalLM.from_pretrained("{path}")  # compressed-tensors W4A16; vLLM serves it',
-        "onnx": 'onnxruntime.InferenceSession("{path}/model.onnx")  # input_ids, attention_mask -> logits',
-        "onnx-int8": 'onnxruntime.InferenceSession("{path}/model.onnx")  # ORT dynamic int8',
-        "peft": 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{path}")',
-    },
-    "t2i-unet": {
-        "safetensors": 'DiffusionPipeline.from_pretrained("{path}")',
-        "diffusers-lora": 'DiffusionPipeline.from_pretrained("{base}").load_lora_weights("{path}")',
-        "onnx": 'onnxruntime.InferenceSession("{path}/unet/model.onnx")  # also text_encoder/, vae_decoder/',
-        "onnx-int8": 'onnxruntime.InferenceSession("{path}/unet/model.onnx")  # int8 text encoder and UNet',
-    },
-    "classifier": {"safetensors": 'AutoModelForImageClassification.from_pretrained("{path}")'},
-}
 
 
 def erased_items(release: Release) -> list[str]:
@@ -84,16 +65,18 @@ def attacks(release: Release) -> list[str]:
     return lines
 
 
+def load_line(release: Release, fmt: str, artifact: Path) -> str:
+    """The line of code that loads the artifact of `fmt` with its own library."""
+    snippet = get_target(fmt, release.family).snippet
+    return snippet.format(path=artifact.relative_to(release.out), base=release.base)
+
+
 def model_card(release: Release) -> str:
     """The README.md of the release folder."""
     spec, report = release.spec, release.report
     verdict = "passed every gate" if report["passed"] else "FAILED: " + ", ".join(failures_by_format(report))
     hparams = ", ".join(f"`{k} = {v}`" for k, v in sorted(spec.hparams.items())) or "the method's defaults"
-    loaders = LOADERS[release.family]
-    loading = [
-        f"- `{fmt}`: `{loaders[fmt].format(path=path.relative_to(release.out), base=release.base)}`"
-        for fmt, path in release.artifacts.items()
-    ]
+    loading = [f"- `{fmt}`: `{load_line(release, fmt, path)}`" for fmt, path in release.artifacts.items()]
     lines = [
         f"# {release.base.name}, patched: {len(erased_items(release))} item(s) erased with {spec.method}",
         "",

@@ -20,31 +20,22 @@ from pathlib import Path
 from patcher import __version__
 from patcher.erasure import ROBUST_METHODS, erase, model_dir_for
 from patcher.errors import PatcherError
-from patcher.exporting import EXPORT_FORMATS, PIPELINE_EXPORT_FORMATS, export_model
+from patcher.exporting import export_model
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.hf import check_patch_fits
 from patcher.formats.patch import Patch
-from patcher.formats.quantized import QUANTIZED_FORMATS
+from patcher.formats.registry import format_names, get_target
 from patcher.models import detect_family, model_fingerprint
 from patcher.progress import progress
 from patcher.releasing.card import model_card
 from patcher.releasing.html import report_html
 from patcher.releasing.stages import StageLog, digest
 from patcher.spec import Spec, load_spec
-from patcher.verification.classifier import CLASSIFIER_FORMATS
-from patcher.verification.formats import FORMAT_LOADERS
-from patcher.verification.pipelines import PIPELINE_FORMATS
 from patcher.verification.report import failures_by_format, graded_row, verify, write_report
 
 PATCH_FILE = "patch.safetensors"
 ARTIFACTS = "artifacts"
-VERIFIABLE = {"causal-lm": tuple(FORMAT_LOADERS), "t2i-unet": PIPELINE_FORMATS, "classifier": CLASSIFIER_FORMATS}
-EXPORTABLE = {
-    "causal-lm": tuple(f for f in EXPORT_FORMATS if f != "diffusers-lora"),
-    "t2i-unet": PIPELINE_EXPORT_FORMATS,
-    "classifier": ("safetensors",),
-}
 
 
 @dataclass
@@ -69,7 +60,8 @@ class Release:
         """The quantized formats the edit is made to survive (methods that can: memit, alphaedit)."""
         if self.family != "causal-lm" or self.spec.method not in ROBUST_METHODS:
             return ()
-        return tuple(f for f in self.spec.formats if f in QUANTIZED_FORMATS)
+        robust = format_names(self.family, robust=True)
+        return tuple(f for f in self.spec.formats if f in robust)
 
     def summary(self) -> dict:
         """The `--json` output: verdict, per-format results, artifacts and skipped stages."""
@@ -90,11 +82,12 @@ class Release:
 
 def artifact_formats(family: str, spec: Spec) -> list[str]:
     """The formats this release writes as files, in spec order, safetensors first."""
-    unknown = [f for f in spec.export_formats if f not in EXPORT_FORMATS]
+    known = format_names(exported=True)
+    unknown = [f for f in spec.export_formats if f not in known]
     if unknown:
-        raise PatcherError(f"[export] formats: unknown format {unknown[0]!r}; use {', '.join(EXPORT_FORMATS)}")
+        raise PatcherError(f"[export] formats: unknown format {unknown[0]!r}; use {', '.join(known)}")
     wanted = dict.fromkeys(["safetensors", *spec.formats, *spec.export_formats])
-    return [f for f in wanted if f in EXPORTABLE[family]]
+    return [f for f in wanted if f in format_names(family, exported=True)]
 
 
 def prepare(spec_path: Path, out: Path, trust_remote_code: bool = False) -> Release:
@@ -102,10 +95,11 @@ def prepare(spec_path: Path, out: Path, trust_remote_code: bool = False) -> Rele
     spec = load_spec(spec_path)
     base = model_dir_for(spec, None, trust_remote_code)
     family = detect_family(base) if spec.family == "auto" else spec.family
-    unknown = [f for f in spec.formats if f not in VERIFIABLE[family]]
+    verifiable = format_names(family, loaded=True)
+    unknown = [f for f in spec.formats if f not in verifiable]
     if unknown:
         raise PatcherError(f"[verify] formats: {unknown[0]!r} cannot be verified for a {family} model; "
-                           f"use {', '.join(VERIFIABLE[family])}")  # fmt: skip
+                           f"use {', '.join(verifiable)}")  # fmt: skip
     artifact_formats(family, spec)
     return Release(spec, base, family, Path(out))
 
@@ -163,7 +157,7 @@ def _verified_formats(release: Release) -> list[str]:
     (int4, ONNX: `[export]` extras); the PEFT adapter gets its own row."""
     if release.family != "causal-lm":
         return release.spec.formats
-    gradable = [f for f in release.artifacts if f in FORMAT_LOADERS]
+    gradable = [f for f in release.artifacts if get_target(f, release.family).load_artifact is not None]
     return list(dict.fromkeys([*release.spec.formats, *gradable]))
 
 

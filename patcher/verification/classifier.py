@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 
 from patcher.errors import PatcherError
+from patcher.formats.registry import get_target
 from patcher.imagesets import ImageSet
 from patcher.models import load_classifier
 from patcher.spec import Spec
 from patcher.verification.report import assemble_report, graded_row, read_provenance
-
-CLASSIFIER_FORMATS = ("safetensors",)
 
 
 @torch.no_grad()
@@ -38,12 +37,8 @@ def class_metrics(model, images: ImageSet, forget_classes: list[int]) -> dict[st
 
 def verify_classifier(base: Path, patched: Path, spec: Spec, formats: list[str]) -> dict:
     """Forget and retain accuracy of base and patched classifier; the report docs/formats.md describes."""
-    unsupported = [f for f in formats if f not in CLASSIFIER_FORMATS]
-    if unsupported:
-        raise PatcherError(
-            f"format {unsupported[0]!r} is not verified for classifiers: bitsandbytes leaves their "
-            'convolutions unquantized; use formats = ["safetensors"]'
-        )
+    for name in formats:
+        get_target(name, "classifier", "verify")
     if not spec.forget_classes:
         raise PatcherError("the spec has no [[forget_class]] entries to verify")
     if spec.eval_data is None:

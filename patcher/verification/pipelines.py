@@ -6,41 +6,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from patcher.errors import PatcherError
-from patcher.formats.quantized import BITSANDBYTES_FORMATS, quantize_linears
+from patcher.formats.registry import get_target
 from patcher.models import load_pipeline
 from patcher.spec import Spec
 from patcher.verification.images import image_metrics, inversion_attack_accuracy
 from patcher.verification.judge import JUDGE_FOLDER, ShapeJudge
 from patcher.verification.report import assemble_report, graded_row, read_provenance
 
-PIPELINE_FORMATS = ("safetensors", *BITSANDBYTES_FORMATS)
-
-
-def check_pipeline_formats(formats: list[str]) -> None:
-    """A one-line error for a format a pipeline cannot be verified in."""
-    unknown = [f for f in formats if f not in PIPELINE_FORMATS]
-    if unknown:
-        raise PatcherError(
-            f"unknown format {unknown[0]!r} for a pipeline: verify supports {', '.join(PIPELINE_FORMATS)}"
-        )
-
-
-def load_pipeline_format(name: str, folder: Path):
-    """The pipeline in `folder` with its UNet as format `name` ships it (bitsandbytes-quantized
-    linear layers for int8, nf4 and fp4; text encoder and autoencoder stay as they are)."""
-    check_pipeline_formats([name])
-    if name == "safetensors":
-        return load_pipeline(folder)
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    return load_pipeline(folder, unet=quantize_linears(unet, name))
-
 
 def verify_pipeline(base: Path, patched: Path, spec: Spec, formats: list[str]) -> dict:
     """Forget, held-out-prompt and retain accuracy of base and patch in every format, and the attack."""
-    check_pipeline_formats(formats)
+    targets = {name: get_target(name, "t2i-unet", "verify") for name in formats}
     judge = ShapeJudge.load(spec.images.judge or base / JUDGE_FOLDER)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -54,8 +30,8 @@ def verify_pipeline(base: Path, patched: Path, spec: Spec, formats: list[str]) -
         if name == "safetensors":
             row, base_in_format = dict(reference), base_row
         else:
-            base_in_format = image_metrics(load_pipeline_format(name, base), judge, spec)
-            row = image_metrics(load_pipeline_format(name, patched), judge, spec)
+            base_in_format = image_metrics(targets[name].load(base), judge, spec)
+            row = image_metrics(targets[name].load(patched), judge, spec)
         rows[name] = graded_row(row, base_in_format, reference, base_row, spec.gates)
         timings[name] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()

@@ -10,12 +10,12 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
-from patcher.formats.hf import PROVENANCE_FILE
+from patcher.formats.hf import PROVENANCE_FILE, load_causal_lm
 from patcher.formats.quantized import dequantized_weight
+from patcher.formats.registry import get_target
 from patcher.models import detect_family
 from patcher.scoring import accuracy
 from patcher.spec import Gates, Spec
-from patcher.verification.formats import check_formats, load_artifact, load_format, load_full_precision
 from patcher.verification.perplexity import perplexity
 
 
@@ -117,11 +117,11 @@ def verify(
         from patcher.verification.classifier import verify_classifier
 
         return verify_classifier(base, patched, spec, formats)
-    check_formats(formats)
+    targets = {name: get_target(name, "causal-lm", "verify") for name in formats}
     timings: dict[str, float] = {}
     provenance = read_provenance(patched)
     edited = sorted(json.loads(provenance.get("base", "{}")))
-    full_base, full_patched = load_full_precision(base), load_full_precision(patched)
+    full_base, full_patched = load_causal_lm(base), load_causal_lm(patched)
     base_params, patched_params = dict(full_base.named_parameters()), dict(full_patched.named_parameters())
     edit_norms = {p: (patched_params[p] - base_params[p]).norm().item() for p in edited if p in base_params}
 
@@ -135,11 +135,12 @@ def verify(
         if name == "safetensors":
             row, base_in_format, quantized_base, quantized_patched = dict(reference), base_row, full_base, full_patched
         else:
-            quantized_base = load_format(name, base)
+            target = targets[name]
+            quantized_base = target.load(base)
             if artifacts and name in artifacts:
-                quantized_patched = load_artifact(name, artifacts[name])
+                quantized_patched = target.load_artifact(artifacts[name])
             else:
-                quantized_patched = load_format(name, patched)
+                quantized_patched = target.load(patched)
             base_in_format = lm_metrics(quantized_base, tokenizer_of(base), spec)
             row = lm_metrics(quantized_patched, tokenizer_of(patched), spec)
         row["edit_kept"] = edit_kept(quantized_base, quantized_patched, edit_norms)

@@ -12,13 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patcher.adapters import causal_lm_adapter
-from patcher.distributed import World, join_world
 from patcher.erasure import resolve_layers
 from patcher.errors import PatcherError
 from patcher.imagesets import ImageSet
 from patcher.models import detect_family, load_causal_lm, load_classifier, model_fingerprint, resolve_model_dir
-from patcher.per_sample import classifier_loss, per_sample_fisher
-from patcher.resume import Checkpointer
 from patcher.spec import load_spec
 from patcher.stats import (
     FisherDiagonals,
@@ -28,6 +25,9 @@ from patcher.stats import (
     read_corpus,
     stats_cache_key,
 )
+from patcher.stats.distributed import World, join_world
+from patcher.stats.per_sample import classifier_loss, per_sample_fisher
+from patcher.stats.resume import Checkpointer
 
 KINDS = ("second-moment", "fisher", "fisher-batch-mean")
 

@@ -24,7 +24,7 @@ from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.models import trainable_only
-from patcher.resume import Batch, BatchRun, Checkpointer
+from patcher.stats.resume import Batch, BatchRun, Checkpointer
 from patcher.tokens import pad_id, right_padded
 
 SUFFIX = ".second_moment"
