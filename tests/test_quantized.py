@@ -9,17 +9,9 @@ from helpers import tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from patcher.errors import PatcherError
-from patcher.formats.quantized import (
-    check_format,
-    check_quantizable,
-    dequantized_weight,
-    fake_quantize,
-    load_quantized,
-    quantization_config,
-    quantize_linears,
-    scale_envelope,
-)
+from patcher.formats.quantized import load_quantized, quantization_config, quantize_linears
 from patcher.methods.robust import solve_in_box, solve_in_box_on_subspace
+from patcher.quantizers import check_format, check_quantizable, dequantized_weight, fake_quantize, scale_envelope
 
 # 4-bit modules compute in bf16: their effective weight differs from an fp32 dequantization
 # by bf16 rounding (2^-8 relative); int8 matches to fp16 rounding.

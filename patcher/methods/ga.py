@@ -14,9 +14,9 @@ import warnings
 import torch
 
 from patcher.errors import PatcherError
-from patcher.formats.quantized import quantized_linears
 from patcher.methods import Deltas, EditInputs, hparam, register
 from patcher.methods.lm_edit import build_request, still_answered
+from patcher.quantizers import quantized_linears
 from patcher.stats import read_corpus
 from patcher.tokens import pad_id, right_padded
 

@@ -19,9 +19,9 @@ import torch
 
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
-from patcher.formats.quantized import check_format, scale_envelope
 from patcher.formats.registry import format_names
 from patcher.methods.lm_edit import LayerSolver
+from patcher.quantizers import check_format, scale_envelope
 
 CONVERGENCE_CHECK_EVERY = 10  # iterations between convergence checks, which cost a few norms
 

@@ -17,8 +17,8 @@ from contextlib import nullcontext
 
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import ErasureIncomplete
-from patcher.formats.quantized import fake_quantized
 from patcher.methods.lm_edit import accumulate, build_request, deltas_applied, require_facts, still_answered
+from patcher.quantizers import fake_quantized
 from patcher.spec import ForgetFact
 from patcher.tokens import pad_id
 

@@ -11,9 +11,9 @@ import torch
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.hf import PROVENANCE_FILE, load_causal_lm
-from patcher.formats.quantized import dequantized_weight
 from patcher.formats.registry import get_target
 from patcher.models import detect_family
+from patcher.quantizers import dequantized_weight
 from patcher.scoring import accuracy
 from patcher.spec import Gates, Spec
 from patcher.verification.perplexity import perplexity

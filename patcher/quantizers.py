@@ -1,0 +1,146 @@
+"""Exact quantizer numerics: what bitsandbytes' int8/nf4/fp4 and int4 round-to-nearest do to
+a weight, without writing or loading a checkpoint.
+
+Robust edits solve inside the formats' scale envelopes and check every format by fake
+quantization; verify reads back the weight a quantized module computes with; exports
+check shapes before any work. Tests hold each function equal to the real quantizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import contextmanager
+
+import torch
+
+from patcher.errors import PatcherError
+
+BITSANDBYTES_FORMATS = {
+    "int8": {"load_in_8bit": True},
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+}
+INT4_GROUP = 128
+QUANTIZED_FORMATS = (*BITSANDBYTES_FORMATS, "int4")
+# bitsandbytes' CPU 4-bit path packs weights in blocks of 32 output rows, and of 64 inputs.
+CPU_4BIT_ROW_BLOCK = 32
+BLOCK_4BIT = 64  # bitsandbytes' default blocksize: one absmax scale per 64 consecutive weights
+SKIPPED_MODULES = ("lm_head",)  # transformers keeps the output head in full precision
+
+
+def check_format(fmt: str) -> None:
+    """A clear error for an unknown quantized format or a missing library."""
+    if fmt not in QUANTIZED_FORMATS:
+        raise PatcherError(f"unknown quantized format {fmt!r}: use one of {', '.join(QUANTIZED_FORMATS)}")
+    package, module = ("compressed-tensors", "compressed_tensors") if fmt == "int4" else ("bitsandbytes",) * 2
+    if importlib.util.find_spec(module) is None:
+        raise PatcherError(f"the {fmt} format needs {package}: pip install {package}")
+
+
+def check_quantizable(model: torch.nn.Module, fmt: str) -> None:
+    """Refuse, before any work, a model whose layers the quantizer rejects."""
+    check_format(fmt)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith(SKIPPED_MODULES):
+            out_features, in_features = module.weight.shape
+            if fmt == "int4" and in_features % INT4_GROUP:
+                raise PatcherError(
+                    f"{name} ({out_features}x{in_features}) is too small for int4: groups of {INT4_GROUP} "
+                    "need in-features divisible by it"
+                )
+            if fmt in ("nf4", "fp4") and (out_features % CPU_4BIT_ROW_BLOCK or in_features % BLOCK_4BIT):
+                raise PatcherError(
+                    f"{name} ({out_features}x{in_features}) is too small for {fmt}: bitsandbytes' CPU kernels "
+                    f"need out-features divisible by {CPU_4BIT_ROW_BLOCK} and in-features by {BLOCK_4BIT}"
+                )
+
+
+def int4_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric round-to-nearest scales of each group: absmax / 7.5 (int4 spans [-8, 7])."""
+    groups = weight.detach().float().reshape(weight.shape[0], -1, INT4_GROUP)
+    return groups.abs().amax(-1) / 7.5
+
+
+@torch.no_grad()
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The (out, in) weight a (possibly quantized) linear module computes with, in fp32.
+
+    Read off the module's own forward on the identity rather than from its storage, whose
+    layout bitsandbytes repacks on CPU.
+    """
+    in_features = module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
+    eye = torch.eye(in_features, device=module.weight.device)
+    out = module(eye).float()
+    if getattr(module, "bias", None) is not None:
+        out = out - module.bias.float()
+    return out.T
+
+
+def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantize then dequantize an (out, in) weight exactly as `fmt` does on load (fp32 out).
+
+    4-bit: bitsandbytes' blockwise absmax over 64 consecutive values of the fp32 weight;
+    int8: LLM.int8's row-wise absmax of the fp16 weight. Lets an edit be checked in a
+    format without writing a checkpoint.
+    """
+    import bitsandbytes.functional as bnbf
+
+    check_format(fmt)
+    if fmt == "int4":
+        scales = int4_scales(weight).unsqueeze(-1)
+        groups = weight.detach().float().reshape(weight.shape[0], -1, INT4_GROUP)
+        return (torch.round(groups / scales).clamp(-8, 7) * scales).reshape(weight.shape)
+    settings = BITSANDBYTES_FORMATS[fmt]
+    if settings.get("load_in_4bit"):
+        packed, state = bnbf.quantize_4bit(weight.detach().float(), quant_type=settings["bnb_4bit_quant_type"])
+        return bnbf.dequantize_4bit(packed, state).float()
+    quantized, scales, _ = bnbf.int8_vectorwise_quant(weight.detach().half())
+    return quantized.float() * scales.float().view(-1, 1) / 127.0
+
+
+def scale_envelope(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Per entry of an (out, in) weight, the absmax that sets its quantization scale in `fmt`.
+
+    Keeping |W + Δ| within this envelope leaves every scale, and so every other weight's
+    rounding, exactly as in the quantized base.
+    """
+    magnitude = weight.detach().abs()
+    if fmt == "int4":
+        groups = magnitude.reshape(weight.shape[0], -1, INT4_GROUP)
+        return groups.amax(-1, keepdim=True).expand_as(groups).reshape(weight.shape)
+    if BITSANDBYTES_FORMATS[fmt].get("load_in_4bit"):
+        flat = magnitude.reshape(-1)
+        pad = (-flat.numel()) % BLOCK_4BIT
+        blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, BLOCK_4BIT)
+        envelope = blocks.amax(dim=1, keepdim=True).expand_as(blocks).reshape(-1)[: flat.numel()]
+        return envelope.reshape(weight.shape)
+    return magnitude.amax(dim=1, keepdim=True).expand_as(magnitude)
+
+
+def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The linear layers a bitsandbytes load quantizes (all but the output head)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")
+        and not name.endswith(SKIPPED_MODULES)
+    }
+
+
+@contextmanager
+def fake_quantized(model: torch.nn.Module, fmt: str):
+    """Temporarily give every quantized layer its `fmt`-rounded weight, in place."""
+    saved = {}
+    with torch.no_grad():
+        for name, module in quantized_linears(model).items():
+            saved[name] = module.weight.detach().clone()
+            transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+            weight = module.weight.T if transposed else module.weight
+            rounded = fake_quantize(weight, fmt)
+            module.weight.copy_((rounded.T if transposed else rounded).to(module.weight.dtype))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, module in quantized_linears(model).items():
+                module.weight.copy_(saved[name])
