@@ -69,7 +69,9 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     layout bitsandbytes repacks on CPU.
     """
     in_features = module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
-    eye = torch.eye(in_features, device=module.weight.device)
+    # Quantized storage (int8, packed uint8) computes in fp32; a plain layer in its own dtype.
+    dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
+    eye = torch.eye(in_features, device=module.weight.device, dtype=dtype)
     out = module(eye).float()
     if getattr(module, "bias", None) is not None:
         out = out - module.bias.float()
