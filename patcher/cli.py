@@ -85,10 +85,10 @@ def main() -> None:
 def demo(out: Path, as_json: bool, model: str, seed: int, threads: int | None) -> None:
     """Erase facts from a built-in model, export, verify and print the table."""
     from patcher.demo import run_demo
-    from patcher.verification.report import report_table
+    from patcher.verification import matrix
 
     report = run_demo(out, seed, threads, model=model)
-    emit(report, as_json, report_table(report) + f"\nreport: {out / 'report.json'}")
+    emit(report, as_json, matrix.as_text(report) + f"\nreport: {out / 'report.json'}")
     sys.exit(0 if report["passed"] else 1)
 
 
@@ -315,8 +315,9 @@ def verify(
     """Measure erasure and retention in every format; exit 1 when a gate fails."""
     from patcher.models import resolve_model_dir
     from patcher.spec import load_spec
-    from patcher.verification.report import report_table, write_report
-    from patcher.verification.report import verify as run_verify
+    from patcher.verification import matrix
+    from patcher.verification.report import write_report
+    from patcher.verification.run import verify as run_verify
 
     spec = load_spec(spec_path)
     if not patched.is_dir():
@@ -325,7 +326,7 @@ def verify(
     report = run_verify(resolve_model_dir(base), patched, spec, chosen)
     if report_path is not None:
         write_report(report, report_path)
-    emit(report, as_json, report_table(report))
+    emit(report, as_json, matrix.as_text(report))
     sys.exit(0 if report["passed"] else 1)
 
 
@@ -340,13 +341,14 @@ def release(spec_path: Path, out: Path, as_json: bool, trust_remote_code: bool) 
     Exit 0 when every gate passes, 1 when one fails (the table names it), 2 on bad input.
     """
     from patcher.releasing import prepare, run_release
-    from patcher.verification.report import failures_by_format, report_table
+    from patcher.verification import matrix
+    from patcher.verification.grading import failures_by_format
 
     done = run_release(prepare(spec_path, out, trust_remote_code))
     failing = failures_by_format(done.report)
     verdict = "release passed" if not failing else "release FAILED in " + ", ".join(failing)
     skipped = f" (skipped, already done: {', '.join(done.skipped)})" if done.skipped else ""
-    human = f"{report_table(done.report)}\n{verdict}: {out}/README.md, report.json, report.html{skipped}"
+    human = f"{matrix.as_text(done.report)}\n{verdict}: {out}/README.md, report.json, report.html{skipped}"
     emit(done.summary(), as_json, human)
     sys.exit(0 if done.report["passed"] else 1)
 

@@ -13,7 +13,8 @@ from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder
 from patcher.formats.onnx import ONNX_FORMATS
 from patcher.spec import load_spec
-from patcher.verification.report import verify, write_report
+from patcher.verification.report import write_report
+from patcher.verification.run import verify
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import pytest
 
 from patcher.spec import Gates
-from patcher.verification.report import graded_row
+from patcher.verification.grading import graded_row
 
 BASE_FULL = {"forget_accuracy": 1.0, "paraphrase_accuracy": 1.0, "retain_accuracy": 1.0}
 PATCHED_FULL = {"forget_accuracy": 0.0, "paraphrase_accuracy": 0.0, "retain_accuracy": 1.0}

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patcher.errors import PatcherError
 from patcher.spec import Gates, dump_spec, load_spec, parse_spec
+from patcher.verification.grading import gate_failures, graded_row
 from patcher.verification.perplexity import perplexity
-from patcher.verification.report import gate_failures, graded_row
 
 
 def test_perplexity_equals_transformers_own_loss(lm_fixture):

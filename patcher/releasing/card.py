@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from patcher.formats.registry import get_target
-from patcher.verification.report import failures_by_format
+from patcher.verification import matrix
+from patcher.verification.grading import failures_by_format
 
 if TYPE_CHECKING:
     from patcher.releasing.run import Release
@@ -22,25 +23,6 @@ def erased_items(release: Release) -> list[str]:
     if release.family == "classifier":
         return [f"class {label}" for label in spec.forget_classes]
     return [f"`{f.prompt}` → `{f.target}` ({len(f.paraphrases)} paraphrases checked)" for f in spec.forget]
-
-
-def matrix(report: dict) -> list[str]:
-    """The verification matrix as a Markdown table, the base first."""
-    lines = ["| format | forget | paraphrase | retain | retain ratio | recovery | gates |", "|---" * 7 + "|"]
-
-    def cell(value) -> str:
-        return "–" if value is None else f"{value:.3f}"
-
-    base = report["base"]
-    lines.append(f"| base | {cell(base['forget_accuracy'])} | {cell(base['paraphrase_accuracy'])} | "
-                 f"{cell(base['retain_accuracy'])} | – | – | – |")  # fmt: skip
-    for name, row in report["formats"].items():
-        verdict = "pass" if row["passed"] else "**FAIL**: " + "; ".join(row["failures"])
-        lines.append(
-            f"| {name} | {cell(row['forget_accuracy'])} | {cell(row['paraphrase_accuracy'])} | "
-            f"{cell(row['retain_accuracy'])} | {cell(row['retain_ratio'])} | {cell(row['recovery'])} | {verdict} |"
-        )
-    return lines
 
 
 def attacks(release: Release) -> list[str]:
@@ -100,7 +82,7 @@ def model_card(release: Release) -> str:
         "",
         f"Gates: {', '.join(f'{k} {v}' for k, v in report['gates'].items())}.",
         "",
-        *matrix(report),
+        *matrix.as_markdown(report),
         "",
         "## Attacks tried",
         "",

@@ -11,7 +11,8 @@ import io
 from typing import TYPE_CHECKING
 
 from patcher.releasing.card import erased_items
-from patcher.verification.report import failures_by_format
+from patcher.verification import matrix
+from patcher.verification.grading import failures_by_format
 
 if TYPE_CHECKING:
     from patcher.releasing.run import Release
@@ -112,31 +113,6 @@ def image_grid(release: Release) -> str:
     return _png(figure)
 
 
-def _matrix_table(report: dict) -> str:
-    head = "<tr><th>format</th><th>forget</th><th>paraphrase</th><th>retain</th><th>retain ratio</th>" \
-           "<th>recovery</th><th>gates</th></tr>"  # fmt: skip
-
-    def cell(value) -> str:
-        return "<td>–</td>" if value is None else f"<td>{value:.3f}</td>"
-
-    base = report["base"]
-    rows = [f"<tr><td>base</td>{cell(base['forget_accuracy'])}{cell(base['paraphrase_accuracy'])}"
-            f"{cell(base['retain_accuracy'])}<td>–</td><td>–</td><td>–</td></tr>"]  # fmt: skip
-    for name, row in report["formats"].items():
-        verdict = '<span class="pass">pass</span>' if row["passed"] else (
-            '<span class="fail">FAIL: ' + html.escape("; ".join(row["failures"])) + "</span>")  # fmt: skip
-        rows.append(
-            f"<tr><td>{html.escape(name)}</td>{cell(row['forget_accuracy'])}{cell(row['paraphrase_accuracy'])}"
-            f"{cell(row['retain_accuracy'])}{cell(row['retain_ratio'])}{cell(row['recovery'])}"
-            f'<td style="text-align:left">{verdict}</td></tr>'
-        )
-    for name, attack in report.get("attacks", {}).items():
-        verdict = "pass" if attack["passed"] else "FAIL: " + "; ".join(attack["failures"])
-        rows.append(f"<tr><td>attack: {html.escape(name)}</td>{cell(attack['forget_accuracy'])}"
-                    f'<td colspan="5" style="text-align:left">{html.escape(verdict)}</td></tr>')  # fmt: skip
-    return f"<table>{head}{''.join(rows)}</table>"
-
-
 def report_html(release: Release) -> str:
     """The whole page."""
     report, spec = release.report, release.spec
@@ -150,7 +126,7 @@ def report_html(release: Release) -> str:
         f"<code>{html.escape(report.get('base_fingerprint', 'not recorded'))}</code>; method "
         f"<code>{html.escape(spec.method)}</code>.</p>",
         f"<h2>Erased</h2><ul>{items}</ul>",
-        f"<h2>Verification</h2>{_matrix_table(report)}",
+        f"<h2>Verification</h2>{matrix.as_html(report)}",
         f"<h2>Accuracy per format</h2>{accuracy_plot(report)}",
         f"<h2>Recovery per format</h2>{recovery_plot(report)}",
     ]

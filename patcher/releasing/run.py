@@ -32,7 +32,9 @@ from patcher.releasing.card import model_card
 from patcher.releasing.html import report_html
 from patcher.releasing.stages import StageLog, digest
 from patcher.spec import Spec, load_spec
-from patcher.verification.report import failures_by_format, graded_row, verify, write_report
+from patcher.verification.grading import failures_by_format, graded_row
+from patcher.verification.report import write_report
+from patcher.verification.run import verify
 
 PATCH_FILE = "patch.safetensors"
 ARTIFACTS = "artifacts"

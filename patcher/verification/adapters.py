@@ -8,7 +8,7 @@ from pathlib import Path
 from patcher.formats.patch import Patch
 from patcher.formats.peft import SUMMARY_FILE
 from patcher.spec import Spec, parse_spec
-from patcher.verification.report import lm_metrics, tokenizer_of
+from patcher.verification.lm import lm_metrics, tokenizer_of
 
 
 def peft_adapter_metrics(base: Path, adapter: Path, spec: Spec) -> dict[str, float]:

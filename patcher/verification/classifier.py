@@ -18,7 +18,8 @@ from patcher.formats.registry import get_target
 from patcher.imagesets import ImageSet
 from patcher.models import load_classifier
 from patcher.spec import Spec
-from patcher.verification.report import assemble_report, graded_row, read_provenance
+from patcher.verification.grading import assemble_report, graded_row
+from patcher.verification.report import read_provenance
 
 
 @torch.no_grad()

@@ -9,9 +9,10 @@ from pathlib import Path
 from patcher.formats.registry import get_target
 from patcher.models import load_pipeline
 from patcher.spec import Spec
+from patcher.verification.grading import assemble_report, graded_row
 from patcher.verification.images import image_metrics, inversion_attack_accuracy
 from patcher.verification.judge import JUDGE_FOLDER, ShapeJudge
-from patcher.verification.report import assemble_report, graded_row, read_provenance
+from patcher.verification.report import read_provenance
 
 
 def verify_pipeline(base: Path, patched: Path, spec: Spec, formats: list[str]) -> dict:
