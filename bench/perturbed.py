@@ -1,6 +1,6 @@
 """The demo on LM fixtures trained differently: does the erasure depend on where the fixture was built?
 
-    python bench/perturbed.py [--fixtures default,threads1,scalar,seed1,seed2] [--readme README.md]
+    python bench/perturbed.py [--fixtures default,threads1,scalar,avx512,seed1,seed2] [--readme README.md]
 
 Each fixture is `patcher fixture lm` built in its own process under one perturbation (same
 world, same spec; another initialisation and batch order, another thread count, or the
@@ -27,8 +27,9 @@ from patcher.demo import run_demo
 from patcher.errors import ErasureIncomplete
 
 # name -> (label, `patcher fixture lm` options, environment). The kernels torch, MKL and
-# oneDNN pick follow the CPU's vector units and are chosen when torch loads, so "scalar"
-# emulates a build on another CPU by capping them before the build process starts.
+# oneDNN pick follow the CPU's vector units and are chosen when torch loads; the fixture
+# holds them to AVX2 unless the environment says otherwise, so "scalar" and "avx512"
+# emulate builds on other CPUs by setting them before the build process starts.
 PERTURBATIONS = {
     "default": ("seed 0", [], {}),
     "threads1": ("seed 0, 1 thread", ["--threads", "1"], {}),
@@ -36,6 +37,11 @@ PERTURBATIONS = {
         "seed 0, no SIMD kernels",
         [],
         {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    ),
+    "avx512": (
+        "seed 0, AVX-512 kernels",
+        [],
+        {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "ALL"},
     ),
     "seed1": ("seed 1", ["--seed", "1"], {}),
     "seed2": ("seed 2", ["--seed", "2"], {}),

@@ -1,8 +1,13 @@
 """The LM fixture: a real Hugging Face folder that knows its facts."""
 
+import subprocess
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import patcher.fixtures as fixtures
+from patcher.errors import PatcherError
 from patcher.fixtures import knowledge, lm
 from patcher.scoring import accuracy
 from patcher.spec import load_spec
@@ -45,3 +50,25 @@ def test_the_gpt2_architecture_learns_a_slice_of_the_world(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
     assert loaded.config.model_type == "gpt2"
     assert accuracy(loaded, tokenizer, lm.all_fact_prompts(chosen)) >= 0.95
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_lm_trains_in_a_child_with_its_kernels_held_to_avx2(monkeypatch, tmp_path, machine):
+    """The child's environment holds torch's, MKL's and oneDNN's kernels to AVX2 on x86-64
+    only, a variable the caller set wins, and a failed build is one PatcherError line."""
+    seen = {}
+
+    def fake_run(command, env, **kwargs):
+        seen.update(command=command, env=env)
+        return subprocess.CompletedProcess(command, 1, "", "warning: x\nerror: the llama fixture answers 90.0%\n")
+
+    monkeypatch.setattr(fixtures.subprocess, "run", fake_run)
+    monkeypatch.setattr(fixtures.platform, "machine", lambda: machine)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    with pytest.raises(PatcherError, match=r"^training the LM fixture failed: the llama fixture answers 90.0%$"):
+        fixtures._train_lm_in_child(tmp_path, "llama", 1, 2)
+    assert seen["command"][1:] == ["-m", "patcher.fixtures.lm", str(tmp_path), "llama", "1", "2"]
+    assert seen["env"]["ONEDNN_MAX_CPU_ISA"] == "SSE41"
+    expected = "avx2" if machine == "x86_64" else None
+    assert seen["env"].get("ATEN_CPU_CAPABILITY") == expected
