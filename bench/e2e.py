@@ -21,7 +21,7 @@ from kernel_harness import commit
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from patcher.adapters import causal_lm_adapter
-from patcher.erasure import resolve_layers
+from patcher.families.causal_lm import resolve_layers
 from patcher.fixtures import build_fixture
 from patcher.methods import EditInputs, get_method
 from patcher.methods.lm_edit import auto_layers

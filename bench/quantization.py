@@ -22,7 +22,7 @@ from patcher.erasure import erase
 from patcher.fixtures import build_fixture
 from patcher.formats.hf import write_model_folder
 from patcher.spec import load_spec
-from patcher.verification.run import verify
+from patcher.verifying import verify
 
 FORMATS = ["safetensors", "int8", "nf4", "fp4", "int4"]
 ROBUST = ("int8", "nf4", "fp4")

@@ -21,7 +21,7 @@ _PUBLIC = {
     "Patch": ("patcher.formats.patch", "Patch"),
     "apply": ("patcher.api", "apply"),
     "export": ("patcher.exporting", "export_model"),
-    "verify": ("patcher.verification.run", "verify"),
+    "verify": ("patcher.verifying", "verify"),
     "release": ("patcher.api", "release"),
 }
 __all__ = ["__version__", *_PUBLIC]

@@ -317,7 +317,7 @@ def verify(
     from patcher.spec import load_spec
     from patcher.verification import matrix
     from patcher.verification.report import write_report
-    from patcher.verification.run import verify as run_verify
+    from patcher.verifying import verify as run_verify
 
     spec = load_spec(spec_path)
     if not patched.is_dir():

@@ -14,7 +14,7 @@ from patcher.formats.hf import write_model_folder
 from patcher.formats.onnx import ONNX_FORMATS
 from patcher.spec import load_spec
 from patcher.verification.report import write_report
-from patcher.verification.run import verify
+from patcher.verifying import verify
 
 
 @dataclass(frozen=True)

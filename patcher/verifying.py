@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from patcher.models import detect_family
+from patcher.families import family_of
 from patcher.spec import Spec
-from patcher.verification.classifier import verify_classifier
-from patcher.verification.lm import verify_lm
-from patcher.verification.pipelines import verify_pipeline
 
 
 def verify(
@@ -23,10 +20,5 @@ def verify(
     `artifacts` maps a causal LM's format to its exported folder, graded as its consumer
     loads it; other formats are quantized or exported from `patched` on load.
     """
-    base, patched, formats = Path(base), Path(patched), formats or spec.formats
-    family = detect_family(base) if spec.family == "auto" else spec.family
-    if family == "t2i-unet":
-        return verify_pipeline(base, patched, spec, formats)
-    if family == "classifier":
-        return verify_classifier(base, patched, spec, formats)
-    return verify_lm(base, patched, spec, formats, artifacts)
+    base, patched = Path(base), Path(patched)
+    return family_of(spec, base).verify(base, patched, spec, formats or spec.formats, artifacts)

@@ -18,7 +18,7 @@ def test_import_patcher_loads_no_heavy_library():
 
 def test_every_public_name_resolves_and_is_listed():
     from patcher.formats.patch import Patch
-    from patcher.verification.run import verify
+    from patcher.verifying import verify
 
     assert set(patcher.__all__) <= set(dir(patcher))
     assert patcher.Patch is Patch and patcher.verify is verify

@@ -18,9 +18,16 @@ ROOTS = {"patcher": "patcher", "kernels": "patcher.kernels", "formats": "patcher
 CLI = "patcher.cli"
 # part -> the patcher packages it must not import.
 FORBIDDEN = {
-    "patcher.formats": ("patcher.methods", "patcher.verification", "patcher.releasing", "patcher.api", CLI),
-    "patcher.methods": ("patcher.verification", "patcher.releasing", "patcher.api", CLI),
-    "patcher.verification": ("patcher.methods",),
+    "patcher.formats": (
+        "patcher.methods",
+        "patcher.verification",
+        "patcher.families",
+        "patcher.releasing",
+        "patcher.api",
+        CLI,
+    ),
+    "patcher.methods": ("patcher.verification", "patcher.families", "patcher.releasing", "patcher.api", CLI),
+    "patcher.verification": ("patcher.methods", "patcher.families"),
 }
 # The one module allowed to import the CLI: `python -m patcher`.
 CLI_LAUNCHER = "patcher.__main__"
@@ -92,6 +99,7 @@ def test_the_source_tree_keeps_every_dependency_rule():
         ("formats/toy.py", "from ..verification import report", "patcher.formats.toy imports patcher.verification"),
         ("patcher/methods/toy.py", "def f():\n    import patcher.api", "patcher.methods.toy imports patcher.api"),
         ("patcher/verification/toy.py", "from patcher.methods.memit import memit", "patcher.verification.toy imports"),
+        ("patcher/verification/toy.py", "from patcher.families import family_of", "patcher.verification.toy imports"),
         ("patcher/demo.py", "from patcher.cli import main", "patcher.demo imports patcher.cli"),
     ],
 )

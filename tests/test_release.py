@@ -117,4 +117,4 @@ def test_release_runs_from_python(lm_fixture):
     from patcher.releasing import prepare
 
     release = prepare(lm_fixture / "spec.toml", Path("unused"))
-    assert release.family == "causal-lm" and release.robust_to == ("int8", "nf4", "fp4")
+    assert release.family.name == "causal-lm" and release.robust_to == ("int8", "nf4", "fp4")

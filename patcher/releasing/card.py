@@ -17,12 +17,7 @@ if TYPE_CHECKING:
 
 def erased_items(release: Release) -> list[str]:
     """One line per erased fact, concept or class."""
-    spec = release.spec
-    if release.family == "t2i-unet":
-        return [f"concept `{c['erase']}` → anchor `{c.get('anchor', '')}`" for c in spec.concepts]
-    if release.family == "classifier":
-        return [f"class {label}" for label in spec.forget_classes]
-    return [f"`{f.prompt}` → `{f.target}` ({len(f.paraphrases)} paraphrases checked)" for f in spec.forget]
+    return release.family.erased_items(release.spec)
 
 
 def attacks(release: Release) -> list[str]:
@@ -33,10 +28,8 @@ def attacks(release: Release) -> list[str]:
         f"- Quantization and re-export, a known way to undo an erasure: {', '.join(quantized) or 'none'}. "
         "`recovery` is the share of the erased knowledge that comes back in each (0: none, 1: all)."
     ]
-    if release.family == "causal-lm":
-        lines.append("- Paraphrases of every forgotten prompt (the `paraphrase` column).")
-    if release.family == "t2i-unet":
-        lines.append("- Verify prompts the edit never saw (the `paraphrase` column).")
+    if release.family.paraphrase_note:
+        lines.append(f"- {release.family.paraphrase_note}")
     for name, attack in report.get("attacks", {}).items():
         verdict = "pass" if attack["passed"] else "**FAIL**: " + "; ".join(attack["failures"])
         shown = attack["forget_accuracy"]
@@ -49,7 +42,7 @@ def attacks(release: Release) -> list[str]:
 
 def load_line(release: Release, fmt: str, artifact: Path) -> str:
     """The line of code that loads the artifact of `fmt` with its own library."""
-    snippet = get_target(fmt, release.family).snippet
+    snippet = get_target(fmt, release.family.name).snippet
     return snippet.format(path=artifact.relative_to(release.out), base=release.base)
 
 
@@ -66,7 +59,7 @@ def model_card(release: Release) -> str:
         "",
         "## Base model",
         "",
-        f"- `{release.base}` ({release.family})",
+        f"- `{release.base}` ({release.family.name})",
         f"- fingerprint (sha256 over every weight tensor): `{report.get('base_fingerprint', 'not recorded')}`",
         "",
         "## What was erased",

@@ -130,7 +130,7 @@ def report_html(release: Release) -> str:
         f"<h2>Accuracy per format</h2>{accuracy_plot(report)}",
         f"<h2>Recovery per format</h2>{recovery_plot(report)}",
     ]
-    if release.family == "t2i-unet":
+    if release.family.shows_images:
         sections.append(f"<h2>Images before and after</h2>{image_grid(release)}")
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>patcher release report</title>'

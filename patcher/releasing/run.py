@@ -21,12 +21,13 @@ from patcher import __version__
 from patcher.erasure import ROBUST_METHODS, erase, model_dir_for
 from patcher.errors import PatcherError
 from patcher.exporting import export_model
+from patcher.families import Family, family_of
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.hf import check_patch_fits
 from patcher.formats.patch import Patch
 from patcher.formats.registry import format_names, get_target
-from patcher.models import detect_family, model_fingerprint
+from patcher.models import model_fingerprint
 from patcher.progress import progress
 from patcher.releasing.card import model_card
 from patcher.releasing.html import report_html
@@ -34,7 +35,7 @@ from patcher.releasing.stages import StageLog, digest
 from patcher.spec import Spec, load_spec
 from patcher.verification.grading import failures_by_format, graded_row
 from patcher.verification.report import write_report
-from patcher.verification.run import verify
+from patcher.verifying import verify
 
 PATCH_FILE = "patch.safetensors"
 ARTIFACTS = "artifacts"
@@ -46,7 +47,7 @@ class Release:
 
     spec: Spec
     base: Path
-    family: str
+    family: Family
     out: Path
     artifacts: dict[str, Path] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -60,9 +61,9 @@ class Release:
     @property
     def robust_to(self) -> tuple[str, ...]:
         """The quantized formats the edit is made to survive (methods that can: memit, alphaedit)."""
-        if self.family != "causal-lm" or self.spec.method not in ROBUST_METHODS:
+        if not self.family.robust or self.spec.method not in ROBUST_METHODS:
             return ()
-        robust = format_names(self.family, robust=True)
+        robust = format_names(self.family.name, robust=True)
         return tuple(f for f in self.spec.formats if f in robust)
 
     def summary(self) -> dict:
@@ -96,13 +97,13 @@ def prepare(spec_path: Path, out: Path, trust_remote_code: bool = False) -> Rele
     """Read the spec and find the base model; every input error surfaces here, before any work."""
     spec = load_spec(spec_path)
     base = model_dir_for(spec, None, trust_remote_code)
-    family = detect_family(base) if spec.family == "auto" else spec.family
-    verifiable = format_names(family, loaded=True)
+    family = family_of(spec, base)
+    verifiable = format_names(family.name, loaded=True)
     unknown = [f for f in spec.formats if f not in verifiable]
     if unknown:
-        raise PatcherError(f"[verify] formats: {unknown[0]!r} cannot be verified for a {family} model; "
+        raise PatcherError(f"[verify] formats: {unknown[0]!r} cannot be verified for a {family.name} model; "
                            f"use {', '.join(verifiable)}")  # fmt: skip
-    artifact_formats(family, spec)
+    artifact_formats(family.name, spec)
     return Release(spec, base, family, Path(out))
 
 
@@ -110,7 +111,7 @@ def run_release(release: Release) -> Release:
     """Run every stage not already done; the report is in `release.report`."""
     release.out.mkdir(parents=True, exist_ok=True)
     log = StageLog(release.out)
-    formats = artifact_formats(release.family, release.spec)
+    formats = artifact_formats(release.family.name, release.spec)
     stages = [("erase", _erase), *((f"export {fmt}", _exporter(fmt)) for fmt in formats), ("verify", _verify)]
     for name, stage in progress(stages, "release"):
         start = time.perf_counter()
@@ -155,11 +156,11 @@ def _exporter(fmt: str):
 
 
 def _verified_formats(release: Release) -> list[str]:
-    """The spec's formats, plus every other artifact of a causal LM that verify can grade
+    """The spec's formats, plus every other artifact verify can grade as its consumer loads it
     (int4, ONNX: `[export]` extras); the PEFT adapter gets its own row."""
-    if release.family != "causal-lm":
+    if not release.family.grades_artifacts:
         return release.spec.formats
-    gradable = [f for f in release.artifacts if get_target(f, release.family).load_artifact is not None]
+    gradable = [f for f in release.artifacts if get_target(f, release.family.name).load_artifact is not None]
     return list(dict.fromkeys([*release.spec.formats, *gradable]))
 
 
@@ -172,7 +173,7 @@ def _verify(release: Release, log: StageLog) -> None:
         release.report = json.loads(report_path.read_text())
         return
     shipped = release.artifacts["safetensors"]
-    artifacts = release.artifacts if release.family == "causal-lm" else None
+    artifacts = release.artifacts if release.family.grades_artifacts else None
     report = verify(release.base, shipped, release.spec, formats, artifacts)
     if "peft" in release.artifacts:
         _add_peft_row(release, report)

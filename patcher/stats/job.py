@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patcher.adapters import causal_lm_adapter
-from patcher.erasure import resolve_layers
 from patcher.errors import PatcherError
+from patcher.families.causal_lm import resolve_layers
 from patcher.imagesets import ImageSet
 from patcher.models import detect_family, load_causal_lm, load_classifier, model_fingerprint, resolve_model_dir
 from patcher.spec import load_spec

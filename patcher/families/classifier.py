@@ -1,0 +1,26 @@
+"""Image classifiers: classes forgotten by dampening the parameters that serve them."""
+
+from __future__ import annotations
+
+from patcher.families import Family, register
+from patcher.methods import Deltas, EditInputs, get_method
+from patcher.models import load_classifier
+from patcher.spec import Spec
+from patcher.verification.classifier import verify_classifier
+
+
+class Classifier(Family):
+    name = "classifier"
+    methods = ("ssd",)
+
+    def edit(self, folder, spec, method, stats, trust_remote_code, robust_to) -> Deltas:
+        return get_method(method)(EditInputs(load_classifier(folder, trust_remote_code), None, spec, None, []))
+
+    def verify(self, base, patched, spec, formats, artifacts) -> dict:
+        return verify_classifier(base, patched, spec, formats)
+
+    def erased_items(self, spec: Spec) -> list[str]:
+        return [f"class {label}" for label in spec.forget_classes]
+
+
+register(Classifier())
