@@ -18,8 +18,7 @@ def test_every_registered_method_edits_some_family():
     assert set(METHODS) <= edited and edited <= set(METHODS)
 
 
-def test_only_causal_lms_take_robust_edits_and_artifact_grading():
-    assert [f.name for f in FAMILIES.values() if f.robust] == ["causal-lm"]
+def test_only_causal_lms_grade_exported_artifacts():
     assert [f.name for f in FAMILIES.values() if f.grades_artifacts] == ["causal-lm"]
 
 

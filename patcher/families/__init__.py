@@ -25,8 +25,6 @@ class Family(ABC):
 
     name: str
     methods: tuple[str, ...]  # the methods that edit this family
-    # Whether `--robust-to` applies: the edit is solved to hold in quantized formats.
-    robust: bool = False
     # Whether verify grades exported folders as their consumers load them (else it
     # quantizes or exports from the patched full-precision model on load).
     grades_artifacts: bool = False

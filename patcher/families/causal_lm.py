@@ -52,7 +52,6 @@ def cached_second_moments(folder: Path, adapter, tokenizer, corpus: Path | None,
 class CausalLM(Family):
     name = "causal-lm"
     methods = ("memit", "alphaedit", "fila", "ga", "ssd")
-    robust = True
     grades_artifacts = True
     paraphrase_note = "Paraphrases of every forgotten prompt (the `paraphrase` column)."
 

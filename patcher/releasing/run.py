@@ -61,7 +61,7 @@ class Release:
     @property
     def robust_to(self) -> tuple[str, ...]:
         """The quantized formats the edit is made to survive (methods that can: memit, alphaedit)."""
-        if not self.family.robust or self.spec.method not in ROBUST_METHODS:
+        if self.spec.method not in ROBUST_METHODS:
             return ()
         robust = format_names(self.family.name, robust=True)
         return tuple(f for f in self.spec.formats if f in robust)
