@@ -50,7 +50,7 @@ def main() -> None:
         for grid, label, method, robust_to, extra in RUNS:
             fixture = build_fixture("lm", Path(tmp) / f"fixture-{grid}", grid=grid)
             spec = load_spec(fixture / "spec.toml")
-            spec.hparams.update(extra)
+            spec.method_settings.update(extra)
             start = time.perf_counter()
             patch = erase(spec, fixture, method=method, robust_to=robust_to)
             seconds = time.perf_counter() - start

@@ -20,42 +20,44 @@ import sys
 import torch
 from kernel_harness import Results, detect_device, parse_args, relative_error, time_ms
 
-from patcher.methods.uce import RECE_REGULARIZATION, UCEHparams, projection_deltas, rece_factors, uce_factors
+from patcher.methods.uce import RECEConfig, UCEConfig, projection_deltas, rece_factors, uce_factors
 
 SD15_BLOCK_WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
 TEXT_WIDTH = 768
 PRESERVED = 50
 RECE_ROWS, RECE_ROUNDS = 148, 10  # two concepts' rows from their last token of a 77-token prompt
+REGULARIZATION = RECEConfig().rece_regularization
 
 
-def per_matrix_solve(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEHparams) -> dict:
+def per_matrix_solve(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEConfig) -> dict:
     eye = torch.eye(TEXT_WIDTH, dtype=erase.dtype)
     edited = {}
     for name, w in weights.items():
-        numerator = hp.lam * w + hp.erase_scale * w @ anchors.T @ erase + hp.preserve_scale * w @ preserve.T @ preserve
-        denominator = hp.lam * eye + hp.erase_scale * erase.T @ erase + hp.preserve_scale * preserve.T @ preserve
+        lam, scale_e, scale_p = hp.uce_lambda, hp.erase_scale, hp.preserve_scale
+        numerator = lam * w + scale_e * w @ anchors.T @ erase + scale_p * w @ preserve.T @ preserve
+        denominator = lam * eye + scale_e * erase.T @ erase + scale_p * preserve.T @ preserve
         edited[name] = numerator @ torch.linalg.inv(denominator)
     return edited
 
 
-def shared_transform(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEHparams) -> dict:
+def shared_transform(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEConfig) -> dict:
     return projection_deltas(weights, uce_factors(erase, anchors, preserve, hp))
 
 
-def rece_per_matrix(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEHparams) -> dict:
+def rece_per_matrix(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEConfig) -> dict:
     eye = torch.eye(TEXT_WIDTH, dtype=erase.dtype)
     erased, targets = erase, anchors
     for _ in range(RECE_ROUNDS):
         edited = per_matrix_solve(weights, erased, targets, preserve, hp)
-        system = sum(w.T @ w for w in edited.values()) + RECE_REGULARIZATION * eye
+        system = sum(w.T @ w for w in edited.values()) + REGULARIZATION * eye
         recovered = torch.linalg.solve(system, sum(edited[n].T @ weights[n] for n in weights) @ erase.T).T
         erased, targets = torch.cat([erased, recovered]), torch.cat([targets, anchors])
     return per_matrix_solve(weights, erased, targets, preserve, hp)
 
 
-def rece_shared(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEHparams) -> dict:
+def rece_shared(weights: dict[str, torch.Tensor], erase, anchors, preserve, hp: UCEConfig) -> dict:
     gram = sum(w.double().T @ w.double() for w in weights.values())
-    factors = rece_factors(erase, anchors, preserve, gram, RECE_ROUNDS, RECE_REGULARIZATION, hp)
+    factors = rece_factors(erase, anchors, preserve, gram, RECE_ROUNDS, REGULARIZATION, hp)
     return projection_deltas(weights, factors)
 
 
@@ -70,7 +72,7 @@ def main() -> None:
         for i, out in enumerate(widths)
         for kv in "kv"
     }
-    hp = UCEHparams()
+    hp = UCEConfig()
     preserve = torch.randn(PRESERVED, TEXT_WIDTH, generator=generator)
     for concepts in (1, 100):
         erase = torch.randn(concepts, TEXT_WIDTH, generator=generator)

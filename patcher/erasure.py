@@ -8,12 +8,10 @@ from patcher.errors import PatcherError
 from patcher.families import check_method_fits, family_of
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.patch import Patch
-from patcher.methods import calibration, get_method
+from patcher.methods import get_method, robust_methods
 from patcher.methods.robust import Robustness
 from patcher.models import resolve_model_dir
 from patcher.spec import Spec
-
-ROBUST_METHODS = calibration.METHODS
 
 
 def model_dir_for(spec: Spec, model: str | Path | None, trust_remote_code: bool = False) -> Path:
@@ -40,16 +38,16 @@ def erase(
     """
     folder = model_dir_for(spec, model, trust_remote_code)
     family = family_of(spec, folder)
-    method_name = method or spec.method
-    get_method(method_name)  # an unknown method is named before any work
-    check_method_fits(family, method_name, folder)
+    chosen = get_method(method or spec.method)  # every check before any work
+    check_method_fits(family, chosen.name, folder)
+    config = chosen.configure(spec.method_settings)
     if robust_to:
-        Robustness(tuple(robust_to))  # validate the names before any work
-        if method_name not in ROBUST_METHODS:
-            raise PatcherError(f"--robust-to works with {', '.join(ROBUST_METHODS)}, not {method_name}")
+        Robustness(tuple(robust_to))
+        if not chosen.robust:
+            raise PatcherError(f"--robust-to works with {', '.join(robust_methods())}, not {chosen.name}")
     stats_path = None if stats is None else Path(stats)
-    deltas = family.edit(folder, spec, method_name, stats_path, trust_remote_code, tuple(robust_to))
-    return _patch(folder, deltas, method_name, spec)
+    deltas = family.edit(folder, spec, chosen, config, stats_path, trust_remote_code, tuple(robust_to))
+    return _patch(folder, deltas, chosen.name, spec)
 
 
 def _patch(folder: Path, deltas: dict, method_name: str, spec: Spec) -> Patch:

@@ -15,37 +15,6 @@ from typing import Any
 from patcher.errors import PatcherError
 
 FAMILIES = ("auto", "causal-lm", "t2i-unet", "classifier")
-# Method hyperparameters accepted in [erase]; each method documents the ones it reads.
-ERASE_HPARAMS = {
-    "mom2_weight": (int, float),
-    "ridge": (int, float),
-    "nullspace_threshold": (int, float),
-    "robust_nullspace_threshold": (int, float),
-    "l2": (int, float),
-    "steps": int,
-    "lr": (int, float),
-    "kl_factor": (int, float),
-    "clamp_norm": (int, float),
-    "batch_size": int,
-    "rounds": int,
-    "escalation": (int, float),
-    "margin": (int, float),
-    "calibrate": bool,
-    "context_templates": int,
-    "ga_lr": (int, float),
-    "ga_steps": int,
-    "retain_weight": (int, float),
-    "uce_lambda": (int, float),
-    "erase_scale": (int, float),
-    "preserve_scale": (int, float),
-    "rece_rounds": int,
-    "rece_regularization": (int, float),
-    "ssd_alpha": (int, float),
-    "ssd_lambda": (int, float),
-    "lora_rank": int,
-    "fila_steps": int,
-    "fila_lr": (int, float),
-}
 GATE_KEYS = (
     "max_forget_accuracy",
     "max_paraphrase_accuracy",
@@ -69,7 +38,8 @@ DEFAULT_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}")
 SCHEMA: dict[str, dict[str, Any]] = {
     "model": {"path": str, "family": str},
     "stats": {"corpus": str, "data": str},
-    "erase": {"method": str, "layers": (str, list), "templates": list, **ERASE_HPARAMS},
+    # The methods' own [erase] keys are declared by their configs (patcher/methods/).
+    "erase": {"method": str, "layers": (str, list), "templates": list},
     "verify": {
         "formats": list,
         "data": str,
@@ -152,7 +122,7 @@ class Spec:
     heldout: Path | None = None  # causal LM: text neither edit nor statistics saw, for perplexity
     method: str = "memit"
     layers: str | list[int] = "auto"
-    hparams: dict[str, float | int] = field(default_factory=dict)
+    method_settings: dict[str, Any] = field(default_factory=dict)  # [erase] keys a method's config reads
     forget: list[ForgetFact] = field(default_factory=list)
     retain: list[RetainFact] = field(default_factory=list)
     concepts: list[dict] = field(default_factory=list)
@@ -203,7 +173,7 @@ def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
         heldout=(folder / verify["heldout"]).resolve() if "heldout" in verify else None,
         method=erase.get("method", "memit"),
         layers=_layers(erase.get("layers", "auto"), where),
-        hparams={k: v for k, v in erase.items() if k in ERASE_HPARAMS},
+        method_settings={k: v for k, v in erase.items() if k not in SCHEMA["erase"]},
         forget=[_forget(entry) for entry in raw.get("forget", [])],
         retain=[RetainFact(e["prompt"], e["target"]) for e in raw.get("retain", [])],
         concepts=list(raw.get("concept", [])),
@@ -215,6 +185,10 @@ def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
         export_formats=[str(f) for f in raw.get("export", {}).get("formats", [])],
         gates=_gates(verify),
     )
+    # Imported here: the methods' modules import this one for the Spec they read.
+    from patcher.methods import check_erase_keys
+
+    check_erase_keys(spec.method_settings, spec.method, where)
     return spec
 
 
@@ -268,6 +242,8 @@ def _validate(raw: dict, where: str) -> None:
         if section in SCHEMA:
             if not isinstance(value, dict):
                 raise PatcherError(f"{where}: [{section}] must be a table")
+            if section == "erase":  # its other keys are checked against the methods' configs
+                value = {k: v for k, v in value.items() if k in SCHEMA["erase"]}
             _check_table(value, SCHEMA[section], section, where)
         elif section in ENTRY_SCHEMA:
             if not isinstance(value, list):

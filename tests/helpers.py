@@ -1,6 +1,7 @@
 """Helpers shared by the test modules."""
 
 import contextlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -110,3 +111,11 @@ def reduced_spec(folder, tmp_path, **verify) -> str:
     path = tmp_path / "spec.toml"
     path.write_text(dump_spec(raw))
     return str(path)
+
+
+def contributing_recipe(name: str) -> str:
+    """The code block between CONTRIBUTING.md's `recipe:NAME` markers."""
+    text = (Path(__file__).resolve().parent.parent / "CONTRIBUTING.md").read_text()
+    block = re.search(rf"<!-- recipe:{name} -->\n```python\n(.*?)```\n<!-- /recipe:{name} -->", text, re.S)
+    assert block, f"CONTRIBUTING.md has no recipe:{name} block"
+    return block.group(1)

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patcher.adapters import causal_lm_adapter
 from patcher.errors import ErasureIncomplete
-from patcher.methods import calibration
-from patcher.methods.alphaedit import DEFAULT_L2
+from patcher.methods import calibration, get_method
+from patcher.methods.alphaedit import AlphaEditConfig
 from patcher.methods.lm_edit import deltas_applied
-from patcher.methods.memit import DEFAULT_MOM2_WEIGHT
+from patcher.methods.memit import MEMITConfig
 from patcher.methods.protect import seen_by_erase
 from patcher.scoring import answered, target_leads
 from patcher.spec import load_spec
@@ -21,14 +21,13 @@ from patcher.tokens import encode_prompt, encode_target, pad_id
 
 
 def test_ladder_gets_gentler_from_the_spec_values():
-    rungs = calibration.ladder("alphaedit", {"l2": 2.0, "rounds": 3})
+    rungs = calibration.ladder(AlphaEditConfig(l2=2.0, rounds=3))
     assert rungs == [
-        {"l2": 2.0, "rounds": 3},
-        {"l2": 2.0, "rounds": 3, "margin": 0.5},
-        {"l2": 8.0, "rounds": 3, "margin": 0.5},
+        AlphaEditConfig(l2=2.0, rounds=3),
+        AlphaEditConfig(l2=2.0, rounds=3, margin=0.5),
+        AlphaEditConfig(l2=8.0, rounds=3, margin=0.5),
     ]
-    assert calibration.ladder("memit", {"margin": 3.0})[2] == {"mom2_weight": 4 * DEFAULT_MOM2_WEIGHT, "margin": 1.5}
-    assert calibration.ladder("alphaedit", {})[2] == {"l2": 4 * DEFAULT_L2, "margin": 0.5}
+    assert calibration.ladder(MEMITConfig(margin=3.0))[2] == MEMITConfig(mom2_weight=4 * 15000.0, margin=1.5)
 
 
 def test_erase_sees_every_other_retain_fact():
@@ -49,25 +48,27 @@ def _wrecking(adapter) -> dict:
 
 def test_calibrated_returns_the_first_rung_that_keeps_the_split(loaded):
     adapter, tokenizer, spec = loaded
-    seen: list[dict] = []
+    config = get_method("alphaedit").configure(spec.method_settings)
+    seen: list[AlphaEditConfig] = []
 
-    def edit(rung_spec):
-        seen.append(rung_spec.hparams)
+    def edit(rung):
+        seen.append(rung)
         return _wrecking(adapter) if len(seen) == 1 else {}
 
-    deltas = calibration.calibrated(spec, "alphaedit", adapter, tokenizer, edit, ("nf4",))
+    deltas = calibration.calibrated(spec, config, adapter, tokenizer, edit, ("nf4",))
     assert deltas == {}
-    assert seen == calibration.ladder("alphaedit", spec.hparams)[:2]
+    assert seen == calibration.ladder(config)[:2]
 
 
 def test_calibrated_skips_incomplete_rungs_and_raises_when_none_completes(loaded):
     adapter, tokenizer, spec = loaded
 
-    def never(rung_spec):
-        raise ErasureIncomplete(f"left at l2 {rung_spec.hparams['l2']}")
+    def never(rung):
+        raise ErasureIncomplete(f"left at l2 {rung.l2}")
 
+    config = get_method("alphaedit").configure(spec.method_settings)
     with pytest.raises(ErasureIncomplete, match="left at l2 4.0"):  # the last rung's
-        calibration.calibrated(spec, "alphaedit", adapter, tokenizer, never, ())
+        calibration.calibrated(spec, config, adapter, tokenizer, never, ())
 
 
 def test_calibrated_warns_and_keeps_the_best_when_no_rung_keeps_the_split(loaded):
@@ -76,7 +77,7 @@ def test_calibrated_warns_and_keeps_the_best_when_no_rung_keeps_the_split(loaded
     candidates = [{name: weight}, ErasureIncomplete("x"), {name: 0.7 * weight}]
     calls = iter(candidates)
 
-    def edit(rung_spec):
+    def edit(rung):
         result = next(calls)
         if isinstance(result, Exception):
             raise result
@@ -93,7 +94,7 @@ def test_calibrated_warns_and_keeps_the_best_when_no_rung_keeps_the_split(loaded
 
     strict = dataclasses.replace(spec, gates=dataclasses.replace(spec.gates, min_retain_ratio=1.0))
     with pytest.warns(UserWarning, match=f"keeps {shares[1]:.3f}"):
-        chosen = calibration.calibrated(strict, "alphaedit", adapter, tokenizer, edit, ())
+        chosen = calibration.calibrated(strict, AlphaEditConfig(), adapter, tokenizer, edit, ())
     assert chosen is candidates[2]
 
 

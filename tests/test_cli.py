@@ -11,10 +11,9 @@ from helpers import run_cli, run_cli_process
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from patcher.erasure import ROBUST_METHODS
 from patcher.fixtures import knowledge
 from patcher.formats.registry import format_names
-from patcher.methods import METHODS
+from patcher.methods import METHODS, robust_methods
 from patcher.spec import dump_spec, load_spec
 
 
@@ -74,7 +73,7 @@ def test_erase_help_lists_every_method_and_robust_format():
     method_help = help_text[help_text.index("--method") : help_text.index("--robust-to")]
     robust_help = help_text[help_text.index("--robust-to") : help_text.index("--stats")]
     assert all(re.search(rf"\b{name}\b", method_help) for name in METHODS), method_help
-    robust = (*format_names(robust=True), *ROBUST_METHODS)
+    robust = (*format_names(robust=True), *robust_methods())
     assert all(re.search(rf"\b{name}\b", robust_help) for name in robust), robust_help
 
 

@@ -66,7 +66,7 @@ def test_alphaedit_sequential_batches_do_not_undo_each_other(lm_fixture, tmp_pat
     from patcher.formats.hf import write_model_folder
 
     spec = load_spec(lm_fixture / "spec.toml")
-    spec.hparams["batch_size"] = len(spec.forget) // 2
+    spec.method_settings["batch_size"] = len(spec.forget) // 2
     write_model_folder(lm_fixture, tmp_path / "out", erase(spec, lm_fixture, method="alphaedit"))
     first_batch = [(f.prompt, f.target) for f in spec.forget[: len(spec.forget) // 2]]
     assert generate_accuracy(tmp_path / "out", first_batch) <= 0.10

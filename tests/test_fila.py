@@ -44,11 +44,13 @@ def test_inverted_hinge_loss_against_its_definition():
 
 def test_fila_unlearns_through_a_peft_adapter(lm_fixture, tmp_path):
     """On 8 of the fixture's forget facts: on this fixture FILA's defaults do not erase all 24
-    (erase then exits 1, see docs/reproducibility.md); the adapter path is what is tested."""
+    (erase then exits 1, see docs/reproducibility.md); the adapter path is what is tested, so
+    the step cap is raised to 1500: on an Intel Xeon (AVX-512) 600 steps left 1 of the 8."""
     patch_path, adapter = tmp_path / "fila.safetensors", tmp_path / "adapter"
     raw = load_spec(lm_fixture / "spec.toml").raw
     raw = {k: (dict(v) if isinstance(v, dict) else [dict(e) for e in v]) for k, v in raw.items()}
     raw.update(forget=raw["forget"][:8])
+    raw["erase"]["fila_steps"] = 1500
     raw["model"]["path"], raw["stats"]["corpus"] = str(lm_fixture), str(lm_fixture / "corpus.txt")
     spec_path = tmp_path / "spec.toml"
     spec_path.write_text(dump_spec(raw))

@@ -7,25 +7,14 @@ it describes, then used through the public API as any built-in format is.
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import contributing_recipe
 
 import patcher
 from patcher.errors import PatcherError
 from patcher.formats import registry
-
-CONTRIBUTING = Path(__file__).resolve().parent.parent / "CONTRIBUTING.md"
-
-
-def recipe(name: str) -> str:
-    """The code block between CONTRIBUTING.md's `recipe:NAME` markers."""
-    text = CONTRIBUTING.read_text()
-    block = re.search(rf"<!-- recipe:{name} -->\n```python\n(.*?)```\n<!-- /recipe:{name} -->", text, re.S)
-    assert block, f"CONTRIBUTING.md has no recipe:{name} block"
-    return block.group(1)
 
 
 @pytest.fixture
@@ -60,7 +49,7 @@ def test_a_format_outside_a_family_is_one_line_naming_what_the_family_ships():
 
 
 def test_the_contributing_recipe_adds_a_format_with_one_module(scratch_registry, lm_fixture, memit_patch, tmp_path):
-    exec(compile(recipe("format"), "formats/bf16.py", "exec"), {"__name__": "patcher.formats.bf16"})
+    exec(compile(contributing_recipe("format"), "formats/bf16.py", "exec"), {"__name__": "patcher.formats.bf16"})
     assert "bf16" in registry.format_names("causal-lm", exported=True, loaded=True)
 
     patch = patcher.Patch.load(memit_patch)

@@ -17,7 +17,7 @@ def test_round_trip_and_relative_paths(tmp_path):
     (tmp_path / "spec.toml").write_text(dump_spec(VALID))
     spec = load_spec(tmp_path / "spec.toml")
     assert spec.corpus == (tmp_path / "corpus.txt").resolve()
-    assert spec.layers == [1, 2] and spec.hparams == {"l2": 1.0}
+    assert spec.layers == [1, 2] and spec.method_settings == {"l2": 1.0}
     assert spec.forget[0].paraphrases == ("the city of A is",)
     assert spec.gates.max_forget_accuracy == 0.1 and spec.gates.min_retain_ratio == 0.95
 

@@ -9,7 +9,7 @@ from helpers import run_cli
 from torch import nn
 
 from patcher.imagesets import ImageSet
-from patcher.methods.ssd import SSDHparams, dampened
+from patcher.methods.ssd import SSDConfig, dampened
 from patcher.stats.per_sample import classifier_loss, per_sample_fisher
 
 
@@ -53,12 +53,12 @@ def test_dampening_selects_and_scales_by_the_fisher_ratio():
     theta = {"w": torch.tensor([2.0, 2.0, 2.0, 2.0]), "untouched": torch.ones(2)}
     forget = {"w": torch.tensor([30.0, 5.0, 100.0, 0.0]), "untouched": torch.ones(2)}
     full = {"w": torch.tensor([1.0, 1.0, 4.0, 1.0]), "untouched": torch.ones(2)}
-    deltas = dampened(theta, forget, full, SSDHparams(alpha=10.0, dampening=1.0))
+    deltas = dampened(theta, forget, full, SSDConfig(ssd_alpha=10.0, ssd_lambda=1.0))
     # Entry 0: 30 > 10·1, β = 1/30; entry 2: 100 > 40, β = 4/100; entries 1 and 3 not selected.
     expected = torch.tensor([2 / 30 - 2, 0.0, 2 * 0.04 - 2, 0.0])
     torch.testing.assert_close(deltas["w"], expected)
     assert "untouched" not in deltas
-    capped = dampened(theta, forget, full, SSDHparams(alpha=10.0, dampening=50.0))  # β = min(λ F_D/F_f, 1)
+    capped = dampened(theta, forget, full, SSDConfig(ssd_alpha=10.0, ssd_lambda=50.0))  # β = min(λ F_D/F_f, 1)
     torch.testing.assert_close(capped["w"], torch.tensor([0.0, 0.0, 0.0, 0.0]))
 
 

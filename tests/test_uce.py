@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from patcher.adapters.unet import UNetAdapter
 from patcher.errors import PatcherError
 from patcher.methods.uce import (
-    UCEHparams,
+    UCEConfig,
     inverted_embeddings,
     projection_deltas,
     rece_factors,
@@ -41,14 +41,14 @@ def random_problem(seed: int = 0, d: int = 12):
 def test_uce_equals_the_per_matrix_closed_form():
     """Independent: the issue's formula, numerator with W₀ inside, one solve per matrix."""
     weights, erase, anchors, preserve = random_problem()
-    hp = UCEHparams(lam=0.3, erase_scale=2.0, preserve_scale=0.7)
+    hp = UCEConfig(uce_lambda=0.3, erase_scale=2.0, preserve_scale=0.7)
     deltas = projection_deltas(weights, uce_factors(erase, anchors, preserve, hp))
     for name, w in weights.items():
-        numerator = hp.lam * w + hp.erase_scale * sum(
+        numerator = hp.uce_lambda * w + hp.erase_scale * sum(
             w @ torch.outer(a, e) for a, e in zip(anchors, erase, strict=True)
         )
         numerator = numerator + hp.preserve_scale * sum(w @ torch.outer(p, p) for p in preserve)
-        denominator = hp.lam * torch.eye(12, dtype=torch.float64)
+        denominator = hp.uce_lambda * torch.eye(12, dtype=torch.float64)
         denominator = denominator + hp.erase_scale * sum(torch.outer(e, e) for e in erase)
         denominator = denominator + hp.preserve_scale * sum(torch.outer(p, p) for p in preserve)
         expected = numerator @ torch.linalg.inv(denominator)
@@ -57,7 +57,7 @@ def test_uce_equals_the_per_matrix_closed_form():
 
 def test_erased_concepts_map_to_their_anchors_and_preserved_ones_stay():
     weights, erase, anchors, preserve = random_problem(1, d=16)
-    transform = uce_transform(erase, anchors, preserve, UCEHparams(lam=1e-6))
+    transform = uce_transform(erase, anchors, preserve, UCEConfig(uce_lambda=1e-6))
     for w in weights.values():
         edited = w @ transform
         torch.testing.assert_close(edited @ erase.T, w @ anchors.T, atol=1e-6, rtol=1e-6)
@@ -78,7 +78,7 @@ def test_rece_inversion_solves_its_least_squares_problem():
 def test_rece_also_erases_the_embedding_that_regenerated_the_concept():
     weights, erase, anchors, preserve = random_problem(3, d=16)
     gram = sum(w.T @ w for w in weights.values())
-    hp = UCEHparams(lam=1e-6)
+    hp = UCEConfig(uce_lambda=1e-6)
     first = inverted_embeddings(uce_transform(erase, anchors, preserve, hp), gram, erase, 0.1)
     deltas = projection_deltas(weights, rece_factors(erase, anchors, preserve, gram, 1, 0.1, hp))
     # rank 2 per concept (c and c′), up to the solve's rounding at λ = 1e-6
@@ -91,7 +91,7 @@ def test_rece_rounds_equal_one_uce_solve_over_every_erased_row():
     """Independent: RECE as the issue states it, re-solving UCE over c and every round's c′."""
     weights, erase, anchors, preserve = random_problem(4, d=16)
     gram = sum(w.T @ w for w in weights.values())
-    hp = UCEHparams(lam=0.2, erase_scale=1.5, preserve_scale=3.0)
+    hp = UCEConfig(uce_lambda=0.2, erase_scale=1.5, preserve_scale=3.0)
     erased, targets = erase, anchors
     for _ in range(4):
         recovered = inverted_embeddings(uce_transform(erased, targets, preserve, hp), gram, erase, 0.1)

@@ -7,16 +7,15 @@ ships register their targets under its name in `patcher/formats/registry.py`.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from patcher.errors import PatcherError
+from patcher.methods import METHODS, Deltas, Method
 from patcher.models import detect_family
 from patcher.spec import Spec
-
-if TYPE_CHECKING:
-    from patcher.methods import Deltas
 
 
 class Family(ABC):
@@ -24,7 +23,6 @@ class Family(ABC):
     grades it, and what a release says about it."""
 
     name: str
-    methods: tuple[str, ...]  # the methods that edit this family
     # Whether verify grades exported folders as their consumers load them (else it
     # quantizes or exports from the patched full-precision model on load).
     grades_artifacts: bool = False
@@ -33,17 +31,24 @@ class Family(ABC):
     # Whether the HTML report shows images before and after.
     shows_images: bool = False
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The registered methods that declare they edit this family."""
+        return tuple(name for name, method in METHODS.items() if self.name in method.families)
+
     @abstractmethod
     def edit(
         self,
         folder: Path,
         spec: Spec,
-        method: str,
+        method: Method,
+        config: object,
         stats: Path | None,
         trust_remote_code: bool,
         robust_to: tuple[str, ...],
     ) -> Deltas:
-        """Load the model in `folder` and run `method` on it: the weight deltas of the patch."""
+        """Load the model in `folder` and run `method` with `config` (its settings) on it:
+        the weight deltas of the patch."""
 
     @abstractmethod
     def verify(
@@ -84,5 +89,6 @@ def check_method_fits(family: Family, method: str, folder: Path) -> None:
         raise PatcherError(f"{method} cannot edit {folder}, a {family.name} model: {editors}")
 
 
-# Importing the family modules registers them.
-from patcher.families import causal_lm, classifier, text_to_image  # noqa: E402,F401
+# Importing every module of this package registers its families: a new family is one new file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

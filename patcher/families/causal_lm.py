@@ -9,15 +9,12 @@ from patcher.cache import cache_dir
 from patcher.errors import PatcherError
 from patcher.families import Family, register
 from patcher.locate import locate
-from patcher.methods import Deltas, EditInputs, calibration, get_method
+from patcher.methods import Deltas, EditInputs, calibration
 from patcher.methods.lm_edit import auto_layers
 from patcher.models import load_causal_lm, model_fingerprint
 from patcher.spec import ForgetFact, Spec
 from patcher.stats import SecondMoments, collect_second_moments, corpus_batches, read_corpus, stats_cache_key
 from patcher.verification.lm import verify_lm
-
-# Methods that read data through the spec instead of the key statistics.
-STATISTICS_FREE_METHODS = ("ssd", "fila")
 
 
 def resolve_layers(
@@ -51,30 +48,28 @@ def cached_second_moments(folder: Path, adapter, tokenizer, corpus: Path | None,
 
 class CausalLM(Family):
     name = "causal-lm"
-    methods = ("memit", "alphaedit", "fila", "ga", "ssd")
     grades_artifacts = True
     paraphrase_note = "Paraphrases of every forgotten prompt (the `paraphrase` column)."
 
-    def edit(self, folder, spec, method, stats, trust_remote_code, robust_to) -> Deltas:
+    def edit(self, folder, spec, method, config, stats, trust_remote_code, robust_to) -> Deltas:
         """Layers from the spec (or `locate`), key statistics from `stats` or the spec's
         corpus (cached), then the method, calibrated on the seen retain facts when it can be."""
         lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
         adapter = causal_lm_adapter(lm)
         layers = resolve_layers(spec.layers, adapter, tokenizer, spec.forget)
-        if method in STATISTICS_FREE_METHODS:
+        if not method.needs_stats:
             moments = None
         elif stats is not None:
             moments = SecondMoments.load(stats)
         else:
             moments = cached_second_moments(folder, adapter, tokenizer, spec.corpus, layers)
-        run = get_method(method)
 
-        def edit_with(edit_spec: Spec) -> Deltas:
-            return run(EditInputs(adapter, tokenizer, edit_spec, moments, layers, robust_to))
+        def edit_with(settings) -> Deltas:
+            return method.run(EditInputs(adapter, tokenizer, spec, settings, moments, layers, robust_to))
 
-        if method in calibration.METHODS and spec.retain and spec.hparams.get("calibrate", True):
-            return calibration.calibrated(spec, method, adapter, tokenizer, edit_with, robust_to)
-        return edit_with(spec)
+        if method.calibrated and spec.retain and config.calibrate:
+            return calibration.calibrated(spec, config, adapter, tokenizer, edit_with, robust_to)
+        return edit_with(config)
 
     def verify(self, base, patched, spec, formats, artifacts) -> dict:
         return verify_lm(base, patched, spec, formats, artifacts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from patcher.families import Family, register
-from patcher.methods import Deltas, EditInputs, get_method
+from patcher.methods import Deltas, EditInputs
 from patcher.models import load_classifier
 from patcher.spec import Spec
 from patcher.verification.classifier import verify_classifier
@@ -11,10 +11,10 @@ from patcher.verification.classifier import verify_classifier
 
 class Classifier(Family):
     name = "classifier"
-    methods = ("ssd",)
 
-    def edit(self, folder, spec, method, stats, trust_remote_code, robust_to) -> Deltas:
-        return get_method(method)(EditInputs(load_classifier(folder, trust_remote_code), None, spec, None, []))
+    def edit(self, folder, spec, method, config, stats, trust_remote_code, robust_to) -> Deltas:
+        model = load_classifier(folder, trust_remote_code)
+        return method.run(EditInputs(model, None, spec, config, None, []))
 
     def verify(self, base, patched, spec, formats, artifacts) -> dict:
         return verify_classifier(base, patched, spec, formats)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from patcher.adapters.unet import UNetAdapter
 from patcher.families import Family, register
-from patcher.methods import Deltas, EditInputs, get_method
+from patcher.methods import Deltas, EditInputs
 from patcher.models import load_pipeline
 from patcher.spec import Spec
 from patcher.verification.pipelines import verify_pipeline
@@ -12,13 +12,12 @@ from patcher.verification.pipelines import verify_pipeline
 
 class TextToImage(Family):
     name = "t2i-unet"
-    methods = ("uce", "rece")
     paraphrase_note = "Verify prompts the edit never saw (the `paraphrase` column)."
     shows_images = True
 
-    def edit(self, folder, spec, method, stats, trust_remote_code, robust_to) -> Deltas:
+    def edit(self, folder, spec, method, config, stats, trust_remote_code, robust_to) -> Deltas:
         adapter = UNetAdapter.from_pipeline(load_pipeline(folder))
-        return get_method(method)(EditInputs(adapter, None, spec, None, []))
+        return method.run(EditInputs(adapter, None, spec, config, None, []))
 
     def verify(self, base, patched, spec, formats, artifacts) -> dict:
         return verify_pipeline(base, patched, spec, formats)

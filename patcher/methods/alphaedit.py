@@ -5,20 +5,22 @@ erasures do not undo each other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from patcher.errors import PatcherError
-from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods import Deltas, EditInputs, register
+from patcher.methods.closed_form import ClosedFormConfig
+from patcher.methods.config import setting
 from patcher.methods.linalg import guarded_solve
-from patcher.methods.lm_edit import TargetHparams, accumulate, deltas_applied, edit_layers
+from patcher.methods.lm_edit import accumulate, deltas_applied, edit_layers
 from patcher.methods.protect import protected_moments
 from patcher.methods.robust import Robustness, box_solver
-from patcher.methods.rounds import DEFAULT_MARGIN, DEFAULT_ROUNDS, erase_in_rounds
+from patcher.methods.rounds import erase_in_rounds
 
 Spectrum = tuple[torch.Tensor, torch.Tensor]  # (eigenvalues, eigenvectors) of a key covariance
 
-DEFAULT_NULLSPACE_THRESHOLD = 1e-2
-DEFAULT_L2 = 10.0
 # Under --robust-to the scale envelopes bound every entry of the update, the job a tight
 # null space does for the unconstrained solve, so the null space can be wider. How much
 # wider depends on the model: on one build of the LM fixture 5× the plain threshold left 3
@@ -26,7 +28,21 @@ DEFAULT_L2 = 10.0
 # (retain 0.983) and 10× dropped fp4's retain to 0.942. So the first round uses 5× and each
 # later round doubles the threshold for the facts still answered (`escalation`).
 ROBUST_THRESHOLD_FACTOR = 5.0
-DEFAULT_ESCALATION = 2.0
+
+
+@dataclass(frozen=True)
+class AlphaEditConfig(ClosedFormConfig):
+    """AlphaEdit's [erase] keys."""
+
+    preservation = "l2"
+
+    nullspace_threshold: float = setting(1e-2, "null space: key-covariance eigenvalues below this × the largest")
+    robust_nullspace_threshold: float | None = setting(
+        None, "the first round's threshold under --robust-to (default: 5 × nullspace_threshold)"
+    )
+    l2: float = setting(10.0, "the regulariser ‖Δ‖² of the projected update")
+    batch_size: int | None = setting(None, "erase in sequential batches of this many facts (default: one batch)")
+    escalation: float = setting(2.0, "each round multiplies the null-space threshold by this")
 
 
 def nullspace_basis(spectrum: Spectrum, threshold: float) -> torch.Tensor:
@@ -73,22 +89,24 @@ def alphaedit_system(
     return keys @ keys.T + previous.double() + l2 * eye, residuals @ keys.T
 
 
-@register("alphaedit")
+@register("alphaedit", AlphaEditConfig, ("causal-lm",), needs_stats=True, robust=True, calibrated=True)
 def alphaedit(inputs: EditInputs) -> Deltas:
     """Erase the forget facts in batches of erase.batch_size (default: all at once), solving
     again for the facts still answered, up to erase.rounds times, each round with the
-    null-space threshold multiplied by erase.escalation (default 2).
+    null-space threshold multiplied by erase.escalation.
 
     Keys of earlier batches and rounds enter later solves, so a later one cannot undo an
     earlier one. Facts erased early keep the narrow null space's edit; only the hard ones
     are edited in a wider one.
     """
+    config: AlphaEditConfig = inputs.config
     adapter, spec, tokenizer, layers = inputs.adapter, inputs.spec, inputs.tokenizer, inputs.layers
-    threshold = hparam(inputs, "nullspace_threshold", DEFAULT_NULLSPACE_THRESHOLD)
+    threshold = config.nullspace_threshold
     if inputs.robust_to:
-        threshold = hparam(inputs, "robust_nullspace_threshold", ROBUST_THRESHOLD_FACTOR * threshold)
-    l2 = hparam(inputs, "l2", DEFAULT_L2)
-    batch_size = hparam(inputs, "batch_size", max(len(spec.forget), 1))
+        wider = config.robust_nullspace_threshold
+        threshold = ROBUST_THRESHOLD_FACTOR * threshold if wider is None else wider
+    l2 = config.l2
+    batch_size = config.batch_size or max(len(spec.forget), 1)
     spectra = {layer: torch.linalg.eigh(inputs.stats.mean(adapter.down_proj_name(layer)).double()) for layer in layers}
     bases: dict[int, torch.Tensor] = {}
     projectors: dict[int, torch.Tensor] = {}
@@ -100,7 +118,7 @@ def alphaedit(inputs: EditInputs) -> Deltas:
 
     use_threshold(threshold)
     # Keys whose outputs later solves must keep: the protected retain keys, then each batch's.
-    previous = protected_moments(inputs)
+    previous = protected_moments(inputs, config.retain_weight)
 
     def update(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         solved = alphaedit_update(keys, residuals, projectors[layer], previous[layer], l2)
@@ -114,7 +132,6 @@ def alphaedit(inputs: EditInputs) -> Deltas:
 
     robust = inputs.robust_to
     solve = box_solver(adapter, layers, system, Robustness(robust), bases.__getitem__) if robust else update
-    hp = TargetHparams.from_spec(spec.hparams)
 
     def edit_round(facts, strength: float) -> Deltas:
         use_threshold(threshold * strength)
@@ -122,7 +139,7 @@ def alphaedit(inputs: EditInputs) -> Deltas:
         for start in range(0, len(facts), batch_size):
             batch = facts[start : start + batch_size]
             with deltas_applied(adapter.model, total):
-                accumulate(total, edit_layers(adapter, tokenizer, batch, layers, solve, hp))
+                accumulate(total, edit_layers(adapter, tokenizer, batch, layers, solve, config.target()))
         return total
 
     return erase_in_rounds(
@@ -131,8 +148,8 @@ def alphaedit(inputs: EditInputs) -> Deltas:
         spec.forget,
         edit_round,
         robust,
-        hparam(inputs, "rounds", DEFAULT_ROUNDS),
-        hparam(inputs, "escalation", DEFAULT_ESCALATION),
-        margin=hparam(inputs, "margin", DEFAULT_MARGIN),
+        config.rounds,
+        config.escalation,
+        margin=config.margin,
         hint="raise erase.nullspace_threshold, lower erase.l2, or raise erase.rounds",
     )

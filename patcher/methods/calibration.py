@@ -20,25 +20,22 @@ import warnings
 from collections.abc import Callable
 
 from patcher.errors import ErasureIncomplete
-from patcher.methods import Deltas, alphaedit, memit
+from patcher.methods import Deltas
+from patcher.methods.closed_form import ClosedFormConfig
 from patcher.methods.lm_edit import deltas_applied
 from patcher.methods.protect import seen_by_erase
-from patcher.methods.rounds import DEFAULT_MARGIN, in_each_format
+from patcher.methods.rounds import in_each_format
 from patcher.scoring import answered
 from patcher.spec import Spec
 
-# The [erase] key that weighs what the statistics preserve, per method, and its default.
-PRESERVATION = {"memit": ("mom2_weight", memit.DEFAULT_MOM2_WEIGHT), "alphaedit": ("l2", alphaedit.DEFAULT_L2)}
-METHODS = tuple(PRESERVATION)
 
-
-def ladder(method: str, hparams: dict) -> list[dict]:
-    """The [erase] values to try, gentler rung by rung: the spec's own; half the margin past
-    the decision boundary, so each fact is pushed less far; then also the preservation
-    weight times 4."""
-    key, default = PRESERVATION[method]
-    closer = {**hparams, "margin": 0.5 * hparams.get("margin", DEFAULT_MARGIN)}
-    return [dict(hparams), closer, {**closer, key: 4 * hparams.get(key, default)}]
+def ladder(config: ClosedFormConfig) -> list[ClosedFormConfig]:
+    """The settings to try, gentler rung by rung: the spec's own; half the margin past the
+    decision boundary, so each fact is pushed less far; then also the preservation weight
+    (the config's `preservation` field) times 4."""
+    closer = dataclasses.replace(config, margin=0.5 * config.margin)
+    key = config.preservation
+    return [config, closer, dataclasses.replace(closer, **{key: 4 * getattr(closer, key)})]
 
 
 def answered_in_each_format(
@@ -60,12 +57,17 @@ def kept_share(hits: list[list[bool]], base_hits: list[list[bool]]) -> float:
 
 
 def calibrated(
-    spec: Spec, method: str, adapter, tokenizer, edit: Callable[[Spec], Deltas], formats: tuple[str, ...]
+    spec: Spec,
+    config: ClosedFormConfig,
+    adapter,
+    tokenizer,
+    edit: Callable[[ClosedFormConfig], Deltas],
+    formats: tuple[str, ...],
 ) -> Deltas:
     """The first rung's deltas that erase every fact and keep the seen retain facts at the
     spec's retain gate; else those of the completed rung that keeps most, with a warning.
 
-    `edit` runs the method on a spec. Raises the last ErasureIncomplete when no rung erases
+    `edit` runs the method with a config. Raises the last ErasureIncomplete when no rung erases
     every fact.
     """
     facts = [(f.prompt, f.target) for f in seen_by_erase(spec.retain)]
@@ -73,9 +75,9 @@ def calibrated(
     wanted = spec.gates.min_retain_ratio
     best: tuple[float, Deltas] | None = None
     failure: ErasureIncomplete | None = None
-    for hparams in ladder(method, spec.hparams):
+    for rung in ladder(config):
         try:
-            deltas = edit(dataclasses.replace(spec, hparams=hparams))
+            deltas = edit(rung)
         except ErasureIncomplete as err:
             failure = err
             continue

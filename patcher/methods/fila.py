@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from patcher.errors import ErasureIncomplete, PatcherError
 from patcher.formats.patch import LowRankDelta
-from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods import Deltas, EditInputs, register
+from patcher.methods.config import setting
 from patcher.methods.lm_edit import build_request, still_answered
 from patcher.stats import collect_fisher, corpus_batches, read_corpus
 from patcher.tokens import pad_id, right_padded
@@ -31,15 +32,15 @@ RELATIVE_EPSILON = 1e-3  # ε as a share of the mean retain Fisher: importance s
 
 
 @dataclass(frozen=True)
-class FILAHparams:
-    """Defaults measured on the LM fixture (v3): a retain weight of 5 erases all but 4% of
-    the forget facts and keeps 97.5% of the retained ones, where 10 leaves 17% answered
-    after 600 steps; training stops once no forget fact is answered."""
+class FILAConfig:
+    """FILA's [erase] keys. Defaults measured on the LM fixture (v3): a retain weight of 5
+    erases all but 4% of the forget facts and keeps 97.5% of the retained ones, where 10
+    leaves 17% answered after 600 steps; training stops once no forget fact is answered."""
 
-    rank: int = 4
-    steps: int = 600
-    lr: float = 2e-3
-    retain_weight: float = 5.0
+    lora_rank: int = setting(4, "rank of the adapter on every edited layer")
+    fila_steps: int = setting(600, "at most this many training steps")
+    fila_lr: float = setting(2e-3, "Adam's learning rate")
+    retain_weight: float = setting(5.0, "weight of the language-modelling loss on the corpus")
 
 
 def fila_init(weight: torch.Tensor, importance: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +89,7 @@ def _importance(inputs: EditInputs, forget: list[list[int]], corpus_lines: list[
     return importance
 
 
-@register("fila")
+@register("fila", FILAConfig, ("causal-lm",))
 def fila(inputs: EditInputs) -> Deltas:
     """Train FILA-initialised LoRA adapters on the edited layers' down-projections
     (lora_rank, fila_steps, fila_lr, retain_weight); stops once no forget fact is answered."""
@@ -99,12 +100,7 @@ def fila(inputs: EditInputs) -> Deltas:
         raise PatcherError("the spec has no [[forget]] facts: add at least one fact to erase")
     if spec.corpus is None:
         raise PatcherError("--method fila needs [stats] corpus in the spec: its retain data")
-    hp = FILAHparams(
-        hparam(inputs, "lora_rank", FILAHparams.rank),
-        hparam(inputs, "fila_steps", FILAHparams.steps),
-        hparam(inputs, "fila_lr", FILAHparams.lr),
-        hparam(inputs, "retain_weight", FILAHparams.retain_weight),
-    )
+    hp: FILAConfig = inputs.config
     model, pad = adapter.model, pad_id(tokenizer)
     requests = [build_request(tokenizer, fact) for fact in spec.forget]
     forget = [r.prompt_ids + r.target_ids for r in requests]
@@ -118,10 +114,10 @@ def fila(inputs: EditInputs) -> Deltas:
     originals = {name: w.detach().clone() for name, w in weights.items()}
     init = {}
     for layer, name in zip(inputs.layers, names, strict=True):
-        init[name] = fila_init(adapter.weight(layer).detach(), importance[name], hp.rank)
+        init[name] = fila_init(adapter.weight(layer).detach(), importance[name], hp.lora_rank)
     config = LoraConfig(
-        r=hp.rank,
-        lora_alpha=hp.rank,  # scaling 1: B A is the update as written
+        r=hp.lora_rank,
+        lora_alpha=hp.lora_rank,  # scaling 1: B A is the update as written
         target_modules=names,
         lora_dropout=0.0,
         fan_in_fan_out=adapter.weight_is_transposed,
@@ -136,9 +132,9 @@ def fila(inputs: EditInputs) -> Deltas:
                 module.lora_B["default"].weight.copy_(b0)
                 module.base_layer.weight.sub_(adapter.to_param_layout(b0 @ a0))
         trained = [p for m in lora_modules.values() for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
-        optimizer = torch.optim.Adam(trained, lr=hp.lr)
+        optimizer = torch.optim.Adam(trained, lr=hp.fila_lr)
         generator = torch.Generator().manual_seed(0)
-        for _ in range(hp.steps):
+        for _ in range(hp.fila_steps):
             peft_model.eval()
             if not any(still_answered(peft_model, requests, pad)):
                 break
@@ -166,7 +162,7 @@ def fila(inputs: EditInputs) -> Deltas:
         model.eval()
     if left:
         raise ErasureIncomplete(
-            f"{left} of {len(requests)} forget facts are still answered after {hp.steps} fila steps: "
+            f"{left} of {len(requests)} forget facts are still answered after {hp.fila_steps} fila steps: "
             "raise erase.fila_steps or erase.fila_lr, or lower erase.retain_weight"
         )
     return {f"{name}.weight": _patch_factors(adapter, init[name], factors[name]) for name in names}

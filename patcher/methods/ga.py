@@ -10,19 +10,26 @@ fixture it does not (docs/quantization.md says why), and `patcher verify` fails 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from patcher.errors import PatcherError
-from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods import Deltas, EditInputs, register
+from patcher.methods.config import setting
 from patcher.methods.lm_edit import build_request, still_answered
 from patcher.quantizers import quantized_linears
 from patcher.stats import read_corpus
 from patcher.tokens import pad_id, right_padded
 
-DEFAULT_LR = 1e-4
-DEFAULT_MAX_STEPS = 200
-DEFAULT_RETAIN_WEIGHT = 1.0
+
+@dataclass(frozen=True)
+class GAConfig:
+    """The gradient-ascent baseline's [erase] keys."""
+
+    ga_lr: float = setting(1e-4, "Adam's learning rate")
+    ga_steps: int = setting(200, "at most this many steps; training stops once no forget fact is answered")
+    retain_weight: float = setting(1.0, "weight of the language-modelling loss on the corpus")
 
 
 def _sequence_loss(model, sequences: list[list[int]], scored_from: list[int], pad: int) -> torch.Tensor:
@@ -35,7 +42,7 @@ def _sequence_loss(model, sequences: list[list[int]], scored_from: list[int], pa
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
-@register("ga")
+@register("ga", GAConfig, ("causal-lm",))
 def gradient_ascent(inputs: EditInputs) -> Deltas:
     """Unlearn the forget facts by gradient ascent on the quantized layers (ga_lr, ga_steps,
     retain_weight). Only the linear layers a quantizer touches are trained, as in a
@@ -46,9 +53,8 @@ def gradient_ascent(inputs: EditInputs) -> Deltas:
     if not spec.forget:
         raise PatcherError("the spec has no [[forget]] facts: add at least one fact to erase")
     model, pad = adapter.model, pad_id(tokenizer)
-    lr = hparam(inputs, "ga_lr", DEFAULT_LR)
-    max_steps = hparam(inputs, "ga_steps", DEFAULT_MAX_STEPS)
-    retain_weight = hparam(inputs, "retain_weight", DEFAULT_RETAIN_WEIGHT)
+    config: GAConfig = inputs.config
+    lr, max_steps, retain_weight = config.ga_lr, config.ga_steps, config.retain_weight
 
     requests = [build_request(tokenizer, fact) for fact in spec.forget]
     forget_sequences = [r.prompt_ids + r.target_ids for r in requests]

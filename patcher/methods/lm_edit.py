@@ -39,12 +39,6 @@ class TargetHparams:
     context_templates: int = 6
     stop_probability: float = 0.01
 
-    @classmethod
-    def from_spec(cls, hparams: dict) -> TargetHparams:
-        """Defaults, overridden by the spec's [erase] keys of the same names."""
-        names = ("steps", "lr", "kl_factor", "clamp_norm", "context_templates")
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in hparams.items() if k in names})
-
 
 @dataclass
 class EditRequest:

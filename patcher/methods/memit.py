@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods import Deltas, EditInputs, register
+from patcher.methods.closed_form import ClosedFormConfig
+from patcher.methods.config import setting
 from patcher.methods.linalg import guarded_solve
-from patcher.methods.lm_edit import TargetHparams, edit_layers
+from patcher.methods.lm_edit import edit_layers
 from patcher.methods.protect import protected_moments
 from patcher.methods.robust import Robustness, box_solver
-from patcher.methods.rounds import DEFAULT_ESCALATION, DEFAULT_MARGIN, DEFAULT_ROUNDS, erase_in_rounds
+from patcher.methods.rounds import erase_in_rounds
 
-DEFAULT_MOM2_WEIGHT = 15000.0
+
+@dataclass(frozen=True)
+class MEMITConfig(ClosedFormConfig):
+    """MEMIT's [erase] keys."""
+
+    preservation = "mom2_weight"
+
+    mom2_weight: float = setting(15000.0, "λ: weight of the corpus keys' outputs (MEMIT's published value)")
+    ridge: float = setting(0.0, "μ‖Δ‖²: shrinks the entries where the corpus covariance is nearly empty")
+    escalation: float = setting(1.0, "each round divides λ by this (1: the same λ every round)")
 
 
 def memit_system(
@@ -53,37 +66,35 @@ def memit_update(
     return guarded_solve(system, rhs.T, "MEMIT's system").T  # the system is symmetric
 
 
-@register("memit")
+@register("memit", MEMITConfig, ("causal-lm",), needs_stats=True, robust=True, calibrated=True)
 def memit(inputs: EditInputs) -> Deltas:
-    """Erase the spec's forget facts with MEMIT (hyperparameters mom2_weight = λ, ridge = μ,
-    retain_weight = w of the protected retain keys).
+    """Erase the spec's forget facts with MEMIT (λ = mom2_weight, μ = ridge, w = retain_weight
+    of the protected retain keys).
 
-    Facts still answered after a round are solved again, with λ divided by erase.escalation
-    (default 1: the same λ), up to erase.rounds times (see `rounds`).
+    Facts still answered after a round are solved again, with λ divided by `escalation`, up
+    to `rounds` times (see `rounds`).
     """
-    mom2_weight = hparam(inputs, "mom2_weight", DEFAULT_MOM2_WEIGHT)
-    ridge = hparam(inputs, "ridge", 0.0)
+    config: MEMITConfig = inputs.config
     adapter, tokenizer, layers = inputs.adapter, inputs.tokenizer, inputs.layers
-    hp = TargetHparams.from_spec(inputs.spec.hparams)
-    protected = protected_moments(inputs)
+    protected = protected_moments(inputs, config.retain_weight)
 
-    weight = mom2_weight  # this round's λ
+    weight = config.mom2_weight  # this round's λ
 
     def system(layer: int, keys: torch.Tensor, residuals: torch.Tensor):
         cov = inputs.stats.mean(adapter.down_proj_name(layer))
-        return memit_system(keys, residuals, cov, weight, ridge, protected[layer])
+        return memit_system(keys, residuals, cov, weight, config.ridge, protected[layer])
 
     def update(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         cov = inputs.stats.mean(adapter.down_proj_name(layer))
-        return memit_update(keys, residuals, cov, weight, ridge, protected[layer])
+        return memit_update(keys, residuals, cov, weight, config.ridge, protected[layer])
 
     # Built once: the box is set by the base weights, before any round's update.
     solve = box_solver(adapter, layers, system, Robustness(inputs.robust_to)) if inputs.robust_to else update
 
     def edit_round(facts, strength: float) -> Deltas:
         nonlocal weight
-        weight = mom2_weight / strength
-        return edit_layers(adapter, tokenizer, facts, layers, solve, hp)
+        weight = config.mom2_weight / strength
+        return edit_layers(adapter, tokenizer, facts, layers, solve, config.target())
 
     return erase_in_rounds(
         adapter,
@@ -91,8 +102,8 @@ def memit(inputs: EditInputs) -> Deltas:
         inputs.spec.forget,
         edit_round,
         inputs.robust_to,
-        hparam(inputs, "rounds", DEFAULT_ROUNDS),
-        hparam(inputs, "escalation", DEFAULT_ESCALATION),
-        margin=hparam(inputs, "margin", DEFAULT_MARGIN),
+        config.rounds,
+        config.escalation,
+        margin=config.margin,
         hint="raise erase.rounds or erase.escalation, or edit more layers",
     )

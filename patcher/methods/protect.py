@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from patcher.methods import EditInputs, hparam
+from patcher.methods import EditInputs
 from patcher.spec import RetainFact
 from patcher.stats import collect_second_moments, corpus_batches
-
-DEFAULT_RETAIN_WEIGHT = 1.0
 
 
 def seen_by_erase(retain: list[RetainFact]) -> list[RetainFact]:
@@ -25,10 +23,9 @@ def seen_by_erase(retain: list[RetainFact]) -> list[RetainFact]:
     return retain[::2]
 
 
-def protected_moments(inputs: EditInputs) -> dict[int, torch.Tensor]:
-    """erase.retain_weight × Σ k kᵀ over every token of the seen retain prompts, per edited
-    layer (d_k, d_k) float64; zeros when the weight is 0 or the spec keeps no facts."""
-    weight = hparam(inputs, "retain_weight", DEFAULT_RETAIN_WEIGHT)
+def protected_moments(inputs: EditInputs, weight: float) -> dict[int, torch.Tensor]:
+    """`weight` (erase.retain_weight) × Σ k kᵀ over every token of the seen retain prompts,
+    per edited layer (d_k, d_k) float64; zeros when the weight is 0 or the spec keeps no facts."""
     prompts = [fact.prompt for fact in seen_by_erase(inputs.spec.retain)]
     if weight == 0 or not prompts:
         width = inputs.adapter.key_dim

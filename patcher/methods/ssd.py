@@ -24,34 +24,35 @@ import torch
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.imagesets import ImageSet
-from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods import Deltas, EditInputs, register
+from patcher.methods.config import setting
 from patcher.stats import read_corpus
 from patcher.stats.per_sample import SampleLoss, classifier_loss, lm_loss, per_sample_fisher
 from patcher.tokens import pad_id, right_padded
 
 
 @dataclass(frozen=True)
-class SSDHparams:
-    """SSD's ResNet defaults: select at α = 10, dampen with λ = 1."""
+class SSDConfig:
+    """SSD's [erase] keys; the defaults are SSD's published ResNet setting."""
 
-    alpha: float = 10.0
-    dampening: float = 1.0
+    ssd_alpha: float = setting(10.0, "α: dampen the parameters whose forget Fisher exceeds α × the full data's")
+    ssd_lambda: float = setting(1.0, "λ: dampening factor β = min(λ F_full / F_forget, 1)")
 
 
 def dampened(
     params: dict[str, torch.Tensor],
     forget: dict[str, torch.Tensor],
     full: dict[str, torch.Tensor],
-    hp: SSDHparams = SSDHparams(),
+    hp: SSDConfig = SSDConfig(),
 ) -> Deltas:
     """θ′ − θ for every parameter with at least one selected entry; inputs are mean Fishers."""
     deltas = {}
     for name, theta in params.items():
         f, d = forget[name].double(), full[name].double()
-        selected = f > hp.alpha * d
+        selected = f > hp.ssd_alpha * d
         if not selected.any():
             continue
-        beta = torch.where(selected, (hp.dampening * d / f.clamp(min=1e-30)).clamp(max=1.0), 1.0)
+        beta = torch.where(selected, (hp.ssd_lambda * d / f.clamp(min=1e-30)).clamp(max=1.0), 1.0)
         deltas[name] = (theta.double() * (beta - 1)).to(theta.dtype)
     return deltas
 
@@ -84,13 +85,13 @@ def _lm_data(inputs: EditInputs) -> tuple[SampleLoss, tuple, tuple]:
     return lm_loss, encoded(facts), encoded(lines)
 
 
-@register("ssd")
+@register("ssd", SSDConfig, ("causal-lm", "classifier"))
 def ssd(inputs: EditInputs) -> Deltas:
     """Dampen the parameters the forget data depends on far more than the full data does."""
     is_lm = isinstance(inputs.adapter, CausalLMAdapter)
     model = inputs.adapter.model if is_lm else inputs.adapter
     loss, forget, full = _lm_data(inputs) if is_lm else _classifier_data(inputs)
-    hp = SSDHparams(hparam(inputs, "ssd_alpha", SSDHparams.alpha), hparam(inputs, "ssd_lambda", SSDHparams.dampening))
+    hp: SSDConfig = inputs.config
     model.eval()
     forget_fisher = per_sample_fisher(model, loss, forget)
     full_fisher = per_sample_fisher(model, loss, full)
@@ -105,7 +106,7 @@ def ssd(inputs: EditInputs) -> Deltas:
     if not deltas:
         # The full data contains the forget data, so F_D ≥ (n_f / N) F_f entry by entry.
         raise PatcherError(
-            f"ssd selected no parameter at ssd_alpha = {hp.alpha}: with exact per-sample Fishers "
+            f"ssd selected no parameter at ssd_alpha = {hp.ssd_alpha}: with exact per-sample Fishers "
             f"F_forget / F_full is at most {n_full / n_forget:.2f} (full / forget sample count); "
             "set [erase] ssd_alpha below that"
         )

@@ -24,34 +24,42 @@ import torch
 
 from patcher.adapters.unet import UNetAdapter
 from patcher.errors import PatcherError
-from patcher.methods import Deltas, EditInputs, hparam, register
+from patcher.methods import Deltas, EditInputs, register
+from patcher.methods.config import setting
 from patcher.methods.linalg import guarded_solve
 from patcher.spec import Spec
 
-RECE_ROUNDS, RECE_REGULARIZATION = 3, 0.1
+
+@dataclass(frozen=True)
+class UCEConfig:
+    """UCE's [erase] keys, with UCE's published defaults."""
+
+    uce_lambda: float = setting(0.5, "λ: weight of keeping every projection as it is")
+    erase_scale: float = setting(1.0, "weight of mapping each erased concept onto its anchor")
+    preserve_scale: float = setting(1.0, "weight of keeping the preserved concepts' outputs")
 
 
 @dataclass(frozen=True)
-class UCEHparams:
-    """UCE's published defaults: λ = 0.5, erase and preserve scales 1."""
+class RECEConfig(UCEConfig):
+    """RECE's [erase] keys: UCE's, and the rounds of erasing regenerating embeddings
+    (defaults: RECE's nudity setting)."""
 
-    lam: float = 0.5
-    erase_scale: float = 1.0
-    preserve_scale: float = 1.0
+    rece_rounds: int = setting(3, "rounds of finding and erasing the embedding that regenerates the concept")
+    rece_regularization: float = setting(0.1, "regularization of the closed-form embedding search")
 
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (U (d, n), V (n, d)): M − I = U V
 
 
-def _solve_right(erased_gram: torch.Tensor, preserve: torch.Tensor, rhs: torch.Tensor, hp: UCEHparams) -> torch.Tensor:
+def _solve_right(erased_gram: torch.Tensor, preserve: torch.Tensor, rhs: torch.Tensor, hp: UCEConfig) -> torch.Tensor:
     """rhs D⁻¹ for UCE's symmetric denominator D = λI + s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ; rhs (n, d)."""
     eye = torch.eye(erased_gram.shape[0], dtype=torch.float64)
-    denominator = hp.lam * eye + hp.erase_scale * erased_gram + hp.preserve_scale * preserve.T @ preserve
+    denominator = hp.uce_lambda * eye + hp.erase_scale * erased_gram + hp.preserve_scale * preserve.T @ preserve
     return guarded_solve(denominator, rhs.T, "UCE's system").T
 
 
 def uce_factors(
-    erase: torch.Tensor, anchors: torch.Tensor, preserve: torch.Tensor, hp: UCEHparams = UCEHparams()
+    erase: torch.Tensor, anchors: torch.Tensor, preserve: torch.Tensor, hp: UCEConfig = UCEConfig()
 ) -> Factors:
     """U, V with M = I + U V. erase, anchors: (n_e, d) row embeddings, pairwise; preserve: (n_p, d)."""
     erase, anchors, preserve = erase.double(), anchors.double(), preserve.double()
@@ -59,7 +67,7 @@ def uce_factors(
 
 
 def uce_transform(
-    erase: torch.Tensor, anchors: torch.Tensor, preserve: torch.Tensor, hp: UCEHparams = UCEHparams()
+    erase: torch.Tensor, anchors: torch.Tensor, preserve: torch.Tensor, hp: UCEConfig = UCEConfig()
 ) -> torch.Tensor:
     """M (d, d) with W* = W₀ M."""
     left, right = uce_factors(erase, anchors, preserve, hp)
@@ -83,7 +91,7 @@ def rece_factors(
     gram: torch.Tensor,
     rounds: int,
     regularization: float,
-    hp: UCEHparams = UCEHparams(),
+    hp: UCEConfig = UCEConfig(),
 ) -> Factors:
     """UCE's factors after `rounds` of RECE: each round also erases, to the concept's anchor,
     the embedding that still regenerates the concept.
@@ -147,38 +155,27 @@ def concept_rows(adapter: UNetAdapter, spec: Spec) -> tuple[torch.Tensor, torch.
     return torch.cat(erase), torch.cat(anchors), preserve_rows
 
 
-def spec_hparams(inputs: EditInputs) -> UCEHparams:
-    """UCE's λ and scales from the spec's [erase] table (uce_lambda, erase_scale, preserve_scale)."""
-    defaults = UCEHparams()
-    return UCEHparams(
-        lam=hparam(inputs, "uce_lambda", defaults.lam),
-        erase_scale=hparam(inputs, "erase_scale", defaults.erase_scale),
-        preserve_scale=hparam(inputs, "preserve_scale", defaults.preserve_scale),
-    )
-
-
 def _projection_weights(adapter: UNetAdapter) -> dict[str, torch.Tensor]:
     return {adapter.param_name(name): module.weight.detach() for name, module in adapter.projections.items()}
 
 
-@register("uce")
+@register("uce", UCEConfig, ("t2i-unet",))
 def uce(inputs: EditInputs) -> Deltas:
     """UCE over every cross-attention K/V projection, all concepts in one solve."""
-    factors = uce_factors(*concept_rows(inputs.adapter, inputs.spec), spec_hparams(inputs))
+    factors = uce_factors(*concept_rows(inputs.adapter, inputs.spec), inputs.config)
     return projection_deltas(_projection_weights(inputs.adapter), factors)
 
 
-@register("rece")
+@register("rece", RECEConfig, ("t2i-unet",))
 def rece(inputs: EditInputs) -> Deltas:
-    """UCE, then `rece_rounds` rounds (default 3) of erasing RECE's regenerating embeddings
-    with regularization `rece_regularization` (default 0.1): RECE's nudity setting."""
+    """UCE, then `rece_rounds` rounds of erasing RECE's regenerating embeddings."""
     weights = _projection_weights(inputs.adapter)
     gram = sum(w.double().T @ w.double() for w in weights.values())
     factors = rece_factors(
         *concept_rows(inputs.adapter, inputs.spec),
         gram,
-        rounds=hparam(inputs, "rece_rounds", RECE_ROUNDS),
-        regularization=hparam(inputs, "rece_regularization", RECE_REGULARIZATION),
-        hp=spec_hparams(inputs),
+        rounds=inputs.config.rece_rounds,
+        regularization=inputs.config.rece_regularization,
+        hp=inputs.config,
     )
     return projection_deltas(weights, factors)

@@ -50,7 +50,8 @@ def model_card(release: Release) -> str:
     """The README.md of the release folder."""
     spec, report = release.spec, release.report
     verdict = "passed every gate" if report["passed"] else "FAILED: " + ", ".join(failures_by_format(report))
-    hparams = ", ".join(f"`{k} = {v}`" for k, v in sorted(spec.hparams.items())) or "the method's defaults"
+    settings = spec.method_settings.items()
+    hparams = ", ".join(f"`{k} = {v}`" for k, v in sorted(settings)) or "the method's defaults"
     loading = [f"- `{fmt}`: `{load_line(release, fmt, path)}`" for fmt, path in release.artifacts.items()]
     lines = [
         f"# {release.base.name}, patched: {len(erased_items(release))} item(s) erased with {spec.method}",

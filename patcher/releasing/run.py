@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patcher import __version__
-from patcher.erasure import ROBUST_METHODS, erase, model_dir_for
+from patcher.erasure import erase, model_dir_for
 from patcher.errors import PatcherError
 from patcher.exporting import export_model
 from patcher.families import Family, family_of
@@ -27,6 +27,7 @@ from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.hf import check_patch_fits
 from patcher.formats.patch import Patch
 from patcher.formats.registry import format_names, get_target
+from patcher.methods import get_method
 from patcher.models import model_fingerprint
 from patcher.progress import progress
 from patcher.releasing.card import model_card
@@ -60,8 +61,8 @@ class Release:
 
     @property
     def robust_to(self) -> tuple[str, ...]:
-        """The quantized formats the edit is made to survive (methods that can: memit, alphaedit)."""
-        if self.spec.method not in ROBUST_METHODS:
+        """The quantized formats the edit is made to survive, when the spec's method accepts --robust-to."""
+        if not get_method(self.spec.method).robust:
             return ()
         robust = format_names(self.family.name, robust=True)
         return tuple(f for f in self.spec.formats if f in robust)
