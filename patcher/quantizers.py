@@ -41,6 +41,11 @@ def check_quantizable(model: torch.nn.Module, fmt: str) -> None:
     """Refuse, before any work, a model whose layers the quantizer rejects."""
     check_format(fmt)
     for name, module in model.named_modules():
+        if fmt == "int4" and type(module).__name__ == "Conv1D":
+            raise PatcherError(
+                f"{name} is a Conv1D (GPT-2's layout): compressed-tensors' int4 quantizes nn.Linear layers only; "
+                "ship this model in int8, nf4 or fp4"
+            )
         if isinstance(module, torch.nn.Linear) and not name.endswith(SKIPPED_MODULES):
             out_features, in_features = module.weight.shape
             if fmt == "int4" and in_features % INT4_GROUP:

@@ -6,12 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import run_cli, run_cli_process
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from patcher.fixtures import knowledge
+from patcher.fixtures.architectures import write_tiny_lm
 from patcher.formats.registry import format_names
 from patcher.methods import METHODS, robust_methods
 from patcher.spec import dump_spec, load_spec
@@ -142,3 +144,16 @@ def test_inspect_reports_the_patch(memit_patch):
 def test_unknown_export_format(lm_fixture, tmp_path):
     result = run_cli("export", str(lm_fixture), "--to", "gguf", "--out", str(tmp_path / "x"), expect=2)
     assert_bad_input(result, "unknown export format 'gguf'")
+
+
+@pytest.mark.parametrize(
+    "family, extra, fragment",
+    [
+        ("mixtral", (), "mixtral is a mixture-of-experts model (model.layers.0.mlp.experts)"),
+        ("llama", ("--layers", "7"), "layer 7 does not exist: the model has 3 layers"),
+    ],
+)
+def test_a_model_erase_cannot_edit_is_one_line(tmp_path, family, extra, fragment):
+    write_tiny_lm(family, tmp_path)
+    spec, out = str(tmp_path / "spec.toml"), str(tmp_path / "p.safetensors")
+    assert_bad_input(run_cli("erase", str(tmp_path), "--spec", spec, *extra, "--out", out, expect=2), fragment)

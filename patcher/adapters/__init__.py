@@ -1,26 +1,17 @@
-"""Model-family adapters, looked up by the checkpoint's `config.model_type`."""
+"""Causal-LM adapters: the edited projections of any decoder layout, found from its structure."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from patcher.adapters.base import CausalLMAdapter
-from patcher.adapters.gpt2 import GPT2Adapter
-from patcher.adapters.gpt_neox import GPTNeoXAdapter
-from patcher.adapters.llama import LlamaAdapter
-from patcher.errors import PatcherError
-
-CAUSAL_LM_ADAPTERS: tuple[type[CausalLMAdapter], ...] = (LlamaAdapter, GPT2Adapter, GPTNeoXAdapter)
+from patcher.adapters.layout import find_layout
 
 
 def causal_lm_adapter(model: nn.Module) -> CausalLMAdapter:
-    """The adapter for a loaded causal LM; a clear error for families patcher does not know."""
-    model_type = getattr(model.config, "model_type", None)
-    for adapter in CAUSAL_LM_ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter(model)
-    known = ", ".join(t for a in CAUSAL_LM_ADAPTERS for t in a.model_types)
-    raise PatcherError(f"no causal-LM adapter for model_type {model_type!r}; supported: {known}")
+    """The adapter for a loaded causal LM; a one-line PatcherError for a layout patcher cannot edit."""
+    layout = find_layout(model)
+    return CausalLMAdapter(model, layout.layers_path, layout.down_proj_path, layout.weight_is_transposed)
 
 
 __all__ = ["CausalLMAdapter", "causal_lm_adapter"]

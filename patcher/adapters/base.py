@@ -1,8 +1,6 @@
-"""What the closed-form edits need to know about a causal-LM family, in one place."""
+"""What the closed-form edits need to know about a causal LM, in one place."""
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -11,17 +9,16 @@ from torch import nn
 class CausalLMAdapter:
     """Locates each layer's MLP down-projection: the matrix MEMIT-style edits rewrite.
 
-    A family subclass names where its decoder layers live, which module inside a layer is
-    the down-projection, and whether that module stores its weight as (in, out).
+    `layers_path` is where the decoder layers live, `down_proj_path` the down-projection
+    inside a layer, and `weight_is_transposed` whether it stores its weight as (in, out)
+    (GPT-2's Conv1D). `patcher.adapters.layout` finds all three for a loaded model.
     """
 
-    model_types: ClassVar[tuple[str, ...]]
-    layers_path: ClassVar[str]
-    down_proj_path: ClassVar[str]
-    weight_is_transposed: ClassVar[bool] = False
-
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, layers_path: str, down_proj_path: str, weight_is_transposed: bool) -> None:
         self.model = model
+        self.layers_path = layers_path
+        self.down_proj_path = down_proj_path
+        self.weight_is_transposed = weight_is_transposed
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -57,3 +54,9 @@ class CausalLMAdapter:
     @property
     def model_dim(self) -> int:
         return self.weight(0).shape[0]
+
+
+def per_token(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """A projection's input or output as (batch, tokens, width): some layouts (OPT's) flatten
+    the batch's tokens into one dimension before the MLP."""
+    return tensor.reshape(batch, -1, tensor.shape[-1])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from patcher.adapters import CausalLMAdapter
+from patcher.adapters.base import per_token
 from patcher.errors import PatcherError
 from patcher.models import trainable_only
 from patcher.progress import progress
@@ -183,7 +184,8 @@ def _captured_at(
                 _run(model, chunk, pad)
             except _Captured as captured:
                 rows = torch.arange(len(chunk))
-                columns.append(captured.value[rows, torch.tensor(positions[start : start + 64])])
+                value = per_token(captured.value, len(chunk))
+                columns.append(value[rows, torch.tensor(positions[start : start + 64])])
     return torch.cat(columns).double().T.cpu()
 
 

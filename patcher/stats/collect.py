@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from patcher import kernels
 from patcher.adapters import CausalLMAdapter
+from patcher.adapters.base import per_token
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.models import trainable_only
@@ -98,7 +99,7 @@ def collect_second_moments(
 
     def accumulate(name: str, is_last: bool):
         def hook(module, args):
-            keys = args[0][state["mask"]]
+            keys = per_token(args[0], len(state["mask"]))[state["mask"]]
             kernels.second_moment(keys, sums[name], upper_only=True)
             if is_last:
                 raise _StopForward
@@ -163,12 +164,14 @@ def collect_fisher(
     device = next(model.parameters()).device
     sums = {name: torch.zeros(adapter.model_dim, adapter.key_dim, device=device) for name in modules}
     batch_sums = {name: torch.zeros_like(total_) for name, total_ in sums.items()}
+    batch = {"size": 0}
 
     def track(name: str):
         def hook(module, args, output):
-            inputs = args[0].detach()
+            inputs = per_token(args[0].detach(), batch["size"])
 
             def accumulate(grad: torch.Tensor) -> None:
+                grad = per_token(grad, batch["size"])
                 if batch_mean:  # the batch's summed gradient; squared once the batch is done
                     batch_sums[name] += torch.einsum("bto,bti->oi", grad.float(), inputs.float())
                 else:
@@ -184,6 +187,7 @@ def collect_fisher(
         with trainable_only(model, [module.weight for module in modules.values()]):
             for ids, mask in run:
                 ids, mask = ids.to(device), mask.to(device)
+                batch["size"] = len(ids)
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
                 targets, counted = ids[:, 1:], mask[:, 1:].float()
                 nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")

@@ -1,0 +1,107 @@
+"""Where a causal LM keeps what MEMIT-style edits rewrite, found from its structure.
+
+The decoder layers are the module list with one entry per hidden layer. Inside a layer,
+the MLP's output projection is the matrix whose output is added to the residual stream
+after the MLP: in every decoder layout transformers ships (sequential like Llama's,
+parallel like GPT-J's, Falcon's or Cohere's), the last linear map of the hidden width
+that a layer's forward calls. One traced forward of a few tokens finds it, so a family
+needs no entry of its own unless that rule is ambiguous for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from patcher.errors import PatcherError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The decoder layers' path, the output projection's path inside a layer, and whether
+    its weight is stored as (in, out)."""
+
+    layers_path: str
+    down_proj_path: str
+    weight_is_transposed: bool
+
+
+def is_projection(module: nn.Module) -> bool:
+    """A dense linear map: `nn.Linear`, or transformers' Conv1D (GPT-2's, weight stored (in, out))."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_layout(model: nn.Module) -> Layout:
+    """The layout of a loaded causal LM; a one-line PatcherError naming what was not found."""
+    config = model.config.get_text_config()
+    model_type = getattr(config, "model_type", type(model).__name__)
+    layers_path = _decoder_layers(model, config.num_hidden_layers, model_type)
+    layers = model.get_submodule(layers_path)
+    _refuse_experts(layers[0], f"{layers_path}.0", model_type)
+    down_proj_path = _output_projection(model, layers, config, model_type)
+    for index, layer in enumerate(layers):
+        try:
+            module = layer.get_submodule(down_proj_path)
+        except AttributeError:
+            module = None
+        if module is None or not is_projection(module):
+            raise PatcherError(f"{model_type}: layer {index} has no {down_proj_path} like layer 0's; cannot edit it")
+    transposed = type(layers[0].get_submodule(down_proj_path)).__name__ == "Conv1D"
+    return Layout(layers_path, down_proj_path, transposed)
+
+
+def _decoder_layers(model: nn.Module, count: int, model_type: str) -> str:
+    """The path of the module list holding `count` decoder layers (the largest, if several)."""
+    lists = [
+        (sum(p.numel() for p in module.parameters()), name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == count and name
+    ]
+    if not lists:
+        raise PatcherError(f"{model_type}: found no list of {count} decoder layers in {type(model).__name__}")
+    return max(lists)[1]
+
+
+def _refuse_experts(layer: nn.Module, where: str, model_type: str) -> None:
+    """Mixture-of-experts layers route each token through some of several MLPs; one output
+    projection per layer does not describe them."""
+    for name, _ in layer.named_modules():
+        if name.split(".")[-1] in ("experts", "block_sparse_moe"):
+            raise PatcherError(
+                f"{model_type} is a mixture-of-experts model ({where}.{name}): patcher edits one MLP "
+                "output projection per layer and does not edit routed experts; use a dense model"
+            )
+
+
+@torch.no_grad()
+def _output_projection(model: nn.Module, layers: nn.ModuleList, config, model_type: str) -> str:
+    """The path, inside a layer, of the last projection to the hidden width that layer 0's
+    forward calls, from one traced forward of three tokens."""
+    calls: list[str] = []
+
+    def record(name: str):
+        def hook(module, args, output):
+            if output.shape[-1] == config.hidden_size:
+                calls.append(name)
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(record(name))
+        for name, module in layers[0].named_modules()
+        if name and is_projection(module)
+    ]
+    try:
+        device = next(model.parameters()).device
+        model(input_ids=torch.arange(1, 4, device=device)[None] % config.vocab_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not calls:
+        raise PatcherError(
+            f"{model_type}: no linear map in a decoder layer writes the hidden width {config.hidden_size}; "
+            "cannot find the MLP output projection"
+        )
+    return calls[-1]
