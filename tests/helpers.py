@@ -78,15 +78,8 @@ def spec_facts(spec) -> tuple[list, list, list]:
 
 
 def tiny_llama_config(hidden: int, intermediate: int, layers: int = 1, vocab: int = 64) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=32,
-    )
+    sizes = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers}
+    return LlamaConfig(**{**DECODER, **sizes, "vocab_size": vocab, "num_key_value_heads": 4})
 
 
 @torch.no_grad()
