@@ -13,8 +13,8 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.formats.patch import LowRankDelta
-from patcher.methods.config import COMMON_KEYS, parse_config, setting_types
-from patcher.spec import Spec
+from patcher.methods.config import parse_config, setting_types
+from patcher.spec import SCHEMA, Spec
 from patcher.stats import SecondMoments
 
 Deltas = dict[str, torch.Tensor | LowRankDelta]  # param name -> delta in the parameter's own layout
@@ -79,7 +79,7 @@ def check_erase_keys(settings: dict[str, Any], method: str, where: str) -> None:
     for key, value in settings.items():
         readers = [m for m in METHODS.values() if key in setting_types(m.config)]
         if not readers:
-            known = ", ".join([*COMMON_KEYS, *setting_types(chosen.config)])
+            known = ", ".join([*SCHEMA["erase"], *setting_types(chosen.config)])
             raise PatcherError(f"{where}: unknown key 'erase.{key}'; keys {method} reads: {known}")
         try:
             (chosen if chosen in readers else readers[0]).configure({key: value})

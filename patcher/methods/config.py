@@ -14,8 +14,6 @@ from typing import Any
 
 from patcher.errors import PatcherError
 
-# The [erase] keys every method shares; they are the spec's, not a method's.
-COMMON_KEYS = ("method", "layers", "templates")
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
 
 
