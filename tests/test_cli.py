@@ -157,3 +157,10 @@ def test_a_model_erase_cannot_edit_is_one_line(tmp_path, family, extra, fragment
     write_tiny_lm(family, tmp_path)
     spec, out = str(tmp_path / "spec.toml"), str(tmp_path / "p.safetensors")
     assert_bad_input(run_cli("erase", str(tmp_path), "--spec", spec, *extra, "--out", out, expect=2), fragment)
+
+
+def test_stats_on_a_pipeline_is_one_line(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "corpus.txt").write_text("a line\n")
+    result = run_cli("stats", str(tmp_path), "--corpus", str(tmp_path / "corpus.txt"), "--out", "s.st", expect=2)
+    assert_bad_input(result, "is a t2i-unet model: `patcher stats` collects for causal-lm and classifier models")

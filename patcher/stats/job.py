@@ -19,6 +19,7 @@ from patcher.models import detect_family, load_causal_lm, load_classifier, model
 from patcher.spec import load_spec
 from patcher.stats import (
     FisherDiagonals,
+    SecondMoments,
     collect_fisher,
     collect_second_moments,
     corpus_batches,
@@ -82,28 +83,16 @@ def run_stats(
         raise PatcherError("--checkpoint-every is a number of tokens: give a positive number")
     world = join_world()
     folder = resolve_model_dir(model, trust_remote_code)
-    if detect_family(folder) == "classifier":
-        stats = _classifier_fisher(folder, corpus, kind, checkpoint_every, world, trust_remote_code)
-        if world.is_main:
-            stats.save(out)
-        world.leave()
-        return StatsRun(kind, [], stats.sample_count, 0, world.size, world.is_main)
-    lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
-    adapter = causal_lm_adapter(lm.to(world.device()))
-    facts = load_spec(spec_path).forget if spec_path is not None else None
-    chosen = resolve_layers(layers, adapter, tokenizer, facts)
-    lines = world.slice(read_corpus(corpus))
-    checkpointer = None
-    if checkpoint_every is not None:
-        run_key = f"{stats_cache_key(model_fingerprint(folder), lines, chosen)}/{kind}/{batch_size}/{world}"
-        checkpointer = Checkpointer(partial_path(out, world), checkpoint_every, run_key)
-    batches, total = corpus_batches(tokenizer, lines, batch_size), -(-len(lines) // batch_size)
-    if kind == "second-moment":
-        stats = collect_second_moments(adapter, batches, chosen, total, checkpointer)
-        stats.token_count = count = world.sum_(stats.sums, stats.token_count)
-    else:
-        stats = collect_fisher(adapter, batches, chosen, total, kind == "fisher-batch-mean", checkpointer)
-        stats.sample_count = count = world.sum_(stats.sums, stats.sample_count)
+    family = detect_family(folder)
+    if family not in COLLECTORS:
+        raise PatcherError(
+            f"{folder} is a {family} model: `patcher stats` collects for {' and '.join(COLLECTORS)} models "
+            "(text-to-image edits, uce and rece, read no statistics)"
+        )
+    job = StatsJob(
+        folder, corpus, out, layers, spec_path, kind, batch_size, checkpoint_every, world, trust_remote_code
+    )
+    stats, chosen, count, checkpointer = COLLECTORS[family](job)
     if world.is_main:
         stats.save(out)
     world.leave()
@@ -113,17 +102,63 @@ def run_stats(
     return StatsRun(kind, chosen, count, resumed, world.size, world.is_main)
 
 
-def _classifier_fisher(
-    folder: Path, images: Path, kind: str, checkpoint_every: int | None, world: World, trust_remote_code: bool
-) -> FisherDiagonals:
+@dataclass(frozen=True)
+class StatsJob:
+    """What `run_stats` was asked for, on this rank."""
+
+    folder: Path
+    corpus: Path
+    out: Path
+    layers: str | list[int]
+    spec_path: Path | None
+    kind: str
+    batch_size: int
+    checkpoint_every: int | None
+    world: World
+    trust_remote_code: bool
+
+
+# (statistics, layers, tokens or samples over all ranks, this rank's checkpointer or None)
+Collected = tuple[SecondMoments | FisherDiagonals, list[int], int, Checkpointer | None]
+
+
+def _lm_statistics(job: StatsJob) -> Collected:
+    """Second moments or Fisher of the chosen layers' down-projections over a text corpus."""
+    world = job.world
+    lm, tokenizer = load_causal_lm(job.folder, trust_remote_code=job.trust_remote_code)
+    adapter = causal_lm_adapter(lm.to(world.device()))
+    facts = load_spec(job.spec_path).forget if job.spec_path is not None else None
+    chosen = resolve_layers(job.layers, adapter, tokenizer, facts)
+    lines = world.slice(read_corpus(job.corpus))
+    checkpointer = None
+    if job.checkpoint_every is not None:
+        fingerprint = stats_cache_key(model_fingerprint(job.folder), lines, chosen)
+        run_key = f"{fingerprint}/{job.kind}/{job.batch_size}/{world}"
+        checkpointer = Checkpointer(partial_path(job.out, world), job.checkpoint_every, run_key)
+    batches, total = corpus_batches(tokenizer, lines, job.batch_size), -(-len(lines) // job.batch_size)
+    if job.kind == "second-moment":
+        stats = collect_second_moments(adapter, batches, chosen, total, checkpointer)
+        stats.token_count = count = world.sum_(stats.sums, stats.token_count)
+    else:
+        stats = collect_fisher(adapter, batches, chosen, total, job.kind == "fisher-batch-mean", checkpointer)
+        stats.sample_count = count = world.sum_(stats.sums, stats.sample_count)
+    return stats, chosen, count, checkpointer
+
+
+def _classifier_fisher(job: StatsJob) -> Collected:
     """Per-sample Fisher of every parameter of an image classifier over an image set, summed over ranks."""
-    if kind != "fisher":
-        raise PatcherError(f"a classifier's statistics are its per-sample Fisher: use --kind fisher, not {kind}")
-    if checkpoint_every is not None:
+    if job.kind != "fisher":
+        raise PatcherError(f"a classifier's statistics are its per-sample Fisher: use --kind fisher, not {job.kind}")
+    if job.checkpoint_every is not None:
         raise PatcherError("--checkpoint-every applies to causal-LM corpora: a classifier's pass is not checkpointed")
-    device = world.device()
-    classifier = load_classifier(folder, trust_remote_code).to(device).eval()
-    data = ImageSet.load(images)
+    world, device = job.world, job.world.device()
+    classifier = load_classifier(job.folder, job.trust_remote_code).to(device).eval()
+    data = ImageSet.load(job.corpus)
     mine = tuple(world.slice(t).to(device) for t in (data.pixel_values, data.labels))
     sums = per_sample_fisher(classifier, classifier_loss, mine)
-    return FisherDiagonals(sums, world.sum_(sums, len(mine[0])), "fisher")
+    stats = FisherDiagonals(sums, world.sum_(sums, len(mine[0])), "fisher")
+    return stats, [], stats.sample_count, None
+
+
+# The model family (patcher.models.detect_family) -> how `patcher stats` collects for it.
+COLLECTORS = {"causal-lm": _lm_statistics, "classifier": _classifier_fisher}
