@@ -19,13 +19,13 @@ from patcher.models import detect_family, load_causal_lm, load_classifier, model
 from patcher.spec import load_spec
 from patcher.stats import (
     FisherDiagonals,
-    SecondMoments,
     collect_fisher,
     collect_second_moments,
     corpus_batches,
     read_corpus,
     stats_cache_key,
 )
+from patcher.stats.collect import SecondMoments
 from patcher.stats.distributed import World, join_world
 from patcher.stats.per_sample import classifier_loss, per_sample_fisher
 from patcher.stats.resume import Checkpointer
