@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from patcher.adapters.base import stores_transposed
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint
@@ -43,7 +44,7 @@ def export_peft(
         if module is None or not param.endswith(".weight"):
             raise PatcherError(f"{param} is not the weight of a linear layer: a PEFT LoRA adapter cannot carry it")
         delta = patch.delta(param)
-        transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out); peft's B @ A is (out, in)
+        transposed = stores_transposed(module)  # peft's B @ A is (out, in)
         a, b = low_rank_factors(delta.T if transposed else delta, rank, energy)
         factors[module_name] = (a, b)
         kept = float((b.double() @ a.double()).norm() ** 2 / delta.double().norm().clamp_min(1e-30) ** 2)
@@ -55,7 +56,7 @@ def export_peft(
         target_modules=sorted(factors),
         rank_pattern={f"^{name}$": r for name, r in ranks.items()},
         alpha_pattern={f"^{name}$": r for name, r in ranks.items()},
-        fan_in_fan_out=any(type(modules[n]).__name__ == "Conv1D" for n in factors),
+        fan_in_fan_out=any(stores_transposed(modules[n]) for n in factors),
         lora_dropout=0.0,
         base_model_name_or_path=str(model_dir),
         task_type="CAUSAL_LM",

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+from patcher.adapters.base import stores_transposed
+from patcher.adapters.layout import is_projection
 from patcher.errors import PatcherError
 
 BITSANDBYTES_FORMATS = {
@@ -41,7 +43,7 @@ def check_quantizable(model: torch.nn.Module, fmt: str) -> None:
     """Refuse, before any work, a model whose layers the quantizer rejects."""
     check_format(fmt)
     for name, module in model.named_modules():
-        if fmt == "int4" and type(module).__name__ == "Conv1D":
+        if fmt == "int4" and stores_transposed(module):
             raise PatcherError(
                 f"{name} is a Conv1D (GPT-2's layout): compressed-tensors' int4 quantizes nn.Linear layers only; "
                 "ship this model in int8, nf4 or fp4"
@@ -129,8 +131,7 @@ def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {
         name: module
         for name, module in model.named_modules()
-        if (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")
-        and not name.endswith(SKIPPED_MODULES)
+        if is_projection(module) and not name.endswith(SKIPPED_MODULES)
     }
 
 
@@ -141,7 +142,7 @@ def fake_quantized(model: torch.nn.Module, fmt: str):
     with torch.no_grad():
         for name, module in quantized_linears(model).items():
             saved[name] = module.weight.detach().clone()
-            transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+            transposed = stores_transposed(module)
             weight = module.weight.T if transposed else module.weight
             rounded = fake_quantize(weight, fmt)
             module.weight.copy_((rounded.T if transposed else rounded).to(module.weight.dtype))

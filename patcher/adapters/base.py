@@ -60,3 +60,8 @@ def per_token(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     """A projection's input or output as (batch, tokens, width): some layouts (OPT's) flatten
     the batch's tokens into one dimension before the MLP."""
     return tensor.reshape(batch, -1, tensor.shape[-1])
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether a linear map stores its weight as (in, out): transformers' Conv1D (GPT-2's)."""
+    return type(module).__name__ == "Conv1D"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from patcher.adapters.base import stores_transposed
 from patcher.errors import PatcherError
 
 
@@ -30,7 +31,7 @@ class Layout:
 
 def is_projection(module: nn.Module) -> bool:
     """A dense linear map: `nn.Linear`, or transformers' Conv1D (GPT-2's, weight stored (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or stores_transposed(module)
 
 
 def find_layout(model: nn.Module) -> Layout:
@@ -48,7 +49,7 @@ def find_layout(model: nn.Module) -> Layout:
             module = None
         if module is None or not is_projection(module):
             raise PatcherError(f"{model_type}: layer {index} has no {down_proj_path} like layer 0's; cannot edit it")
-    transposed = type(layers[0].get_submodule(down_proj_path)).__name__ == "Conv1D"
+    transposed = stores_transposed(layers[0].get_submodule(down_proj_path))
     return Layout(layers_path, down_proj_path, transposed)
 
 
