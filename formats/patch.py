@@ -14,12 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from patcher.errors import PatcherError
-from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import safetensors_header, tensor_sha256
+from patcher.formats.tensorfile import read_tensors, require_file, write_tensors
 
 SUFFIXES = (".delta", ".lora_A", ".lora_B")
 REQUIRED_METADATA = ("patcher_version", "method", "spec", "base", "created")
@@ -142,24 +140,14 @@ class Patch:
 
     def save(self, path: str | Path) -> Path:
         """Write the patch atomically: a crash never leaves a partial file at `path`."""
-        with atomic_path(path) as tmp:
-            save_file(self.tensors, tmp, metadata=self.metadata())
-        return Path(path)
+        return write_tensors(path, self.tensors, self.metadata())
 
     @classmethod
     def load(cls, path: str | Path) -> Patch:
         """Read and validate a patch file; any defect is a one-line PatchError."""
-        path = Path(path)
-        if not path.is_file():
-            raise PatchError(f"patch file {path} does not exist")
+        path = require_file(path, "patch file", "", PatchError)
         _check_header(path)
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        except Exception as err:  # safetensors raises several types for corrupt headers
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise PatchError(f"{path} is not a readable patch file (truncated or corrupt?): {reason}") from None
+        tensors, metadata = read_tensors(path, "patch file", PatchError)
         fields = _parse_metadata(path, metadata)
         return cls(tensors=tensors, **fields)
 

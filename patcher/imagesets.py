@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from patcher.errors import PatcherError
-from patcher.formats.atomic import atomic_path
+from patcher.formats.tensorfile import read_tensors, require_file, write_tensors
 
 
 @dataclass
@@ -32,20 +31,13 @@ class ImageSet:
         return len(self.labels)
 
     def save(self, path: str | Path) -> Path:
-        with atomic_path(path) as tmp:
-            save_file({"pixel_values": self.pixel_values.contiguous(), "labels": self.labels.contiguous()}, tmp)
-        return Path(path)
+        return write_tensors(path, {"pixel_values": self.pixel_values, "labels": self.labels})
 
     @classmethod
     def load(cls, path: str | Path) -> ImageSet:
         """Read an image set; a one-line error when the file is missing or malformed."""
-        path = Path(path)
-        if not path.is_file():
-            raise PatcherError(f"image set {path} does not exist: set [stats] data / [verify] data in the spec")
-        try:
-            tensors = load_file(path)
-        except Exception as err:
-            raise PatcherError(f"{path} is not a readable safetensors image set: {err}") from None
+        path = require_file(path, "image set", "set [stats] data / [verify] data in the spec")
+        tensors, _ = read_tensors(path, "safetensors image set")
         pixels, labels = tensors.get("pixel_values"), tensors.get("labels")
         if pixels is None or labels is None or pixels.ndim != 4 or labels.shape != pixels.shape[:1]:
             raise PatcherError(f"{path} needs tensors pixel_values (N, C, H, W) and labels (N,)")

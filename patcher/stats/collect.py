@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from patcher import kernels
 from patcher.adapters import CausalLMAdapter
 from patcher.adapters.base import per_token
 from patcher.errors import PatcherError
-from patcher.formats.atomic import atomic_path
+from patcher.formats.tensorfile import read_tensors, require_file, write_tensors
 from patcher.models import trainable_only
 from patcher.stats.resume import Batch, BatchRun, Checkpointer
 from patcher.tokens import pad_id, right_padded
@@ -50,23 +48,14 @@ class SecondMoments:
         return self.sums[module].double() / max(self.token_count, 1)
 
     def save(self, path: str | Path) -> Path:
-        tensors = {f"{name}{SUFFIX}": s.contiguous().cpu() for name, s in self.sums.items()}
-        metadata = {"kind": "second-moment", "token_count": str(self.token_count)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
-        return Path(path)
+        tensors = {f"{name}{SUFFIX}": s for name, s in self.sums.items()}
+        return write_tensors(path, tensors, {"kind": "second-moment", "token_count": str(self.token_count)})
 
     @classmethod
     def load(cls, path: str | Path) -> SecondMoments:
-        path = Path(path)
-        if not path.is_file():
-            raise PatcherError(f"statistics file {path} does not exist: create it with `patcher stats`")
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                sums = {n[: -len(SUFFIX)]: f.get_tensor(n) for n in f.keys() if n.endswith(SUFFIX)}  # noqa: SIM118
-        except Exception as err:
-            raise PatcherError(f"{path} is not a readable statistics file: {err}") from None
+        path = require_file(path, "statistics file", "create it with `patcher stats`")
+        tensors, metadata = read_tensors(path, "statistics file")
+        sums = {n[: -len(SUFFIX)]: t for n, t in tensors.items() if n.endswith(SUFFIX)}
         if metadata.get("kind") != "second-moment" or not sums:
             raise PatcherError(f"{path} holds no second-moment statistics: create it with `patcher stats`")
         for name, s in sums.items():
@@ -133,11 +122,8 @@ class FisherDiagonals:
     kind: str = "fisher"  # or "fisher-batch-mean": squared batch-mean gradients (SSD's code)
 
     def save(self, path: str | Path) -> Path:
-        tensors = {f"{name}{FISHER_SUFFIX}": s.contiguous().cpu() for name, s in self.sums.items()}
-        metadata = {"kind": self.kind, "sample_count": str(self.sample_count)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
-        return Path(path)
+        tensors = {f"{name}{FISHER_SUFFIX}": s for name, s in self.sums.items()}
+        return write_tensors(path, tensors, {"kind": self.kind, "sample_count": str(self.sample_count)})
 
 
 def collect_fisher(

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from patcher.formats.atomic import atomic_path
+from patcher.errors import PatcherError
+from patcher.formats.tensorfile import read_tensors, write_tensors
 from patcher.progress import progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
@@ -48,11 +47,9 @@ class Checkpointer:
         if not self.path.is_file():
             return Progress()
         try:
-            with safe_open(self.path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                saved = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        except Exception:  # a checkpoint is only ever renamed into place, but a disk can still fail
-            warnings.warn(f"{self.path} is unreadable: collecting from the start", stacklevel=2)
+            saved, metadata = read_tensors(self.path, "checkpoint")
+        except PatcherError as err:  # a checkpoint is only ever renamed into place, but a disk can still fail
+            warnings.warn(f"{err}: collecting from the start", stacklevel=2)
             return Progress()
         if metadata.get("key") != self.key or set(saved) != set(sums):
             warnings.warn(f"{self.path} is from a run with other arguments: collecting from the start", stacklevel=2)
@@ -69,8 +66,7 @@ class Checkpointer:
             return
         metadata = {"key": self.key, "batches": str(done.batches), "tokens": str(done.tokens),
                     "samples": str(done.samples)}  # fmt: skip
-        with atomic_path(self.path) as tmp:
-            save_file({name: s.contiguous().cpu() for name, s in sums.items()}, tmp, metadata=metadata)
+        write_tensors(self.path, sums, metadata)
         self._saved_at = done.tokens
 
     def discard(self) -> None:
