@@ -14,6 +14,29 @@ from patcher.errors import PatcherError
 from patcher.formats.checkpoint import Checkpoint
 
 
+def in_checkpoint_names(model, deltas: dict) -> dict:
+    """`deltas` keyed by the tensor names of the model's checkpoint files, where a patch applies.
+
+    transformers (5 and later) may rename tensors on load (ViT's `encoder.layer.0.intermediate.dense`
+    is `layers.0.mlp.fc1` in the module tree) and renames them back on save; the names here are
+    the ones `save_pretrained` writes. A tensor that loading builds from several checkpoint
+    tensors (fused experts, say) has no single name to patch: one line, and the patch is refused.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers before 5 loads checkpoints under their own names
+        return deltas
+    parameters = {name: model.get_parameter(name) for name in deltas}
+    saved_as = {id(tensor): name for name, tensor in revert_weight_conversion(model, dict(parameters)).items()}
+    missing = [name for name, tensor in parameters.items() if id(tensor) not in saved_as]
+    if missing:
+        raise PatcherError(
+            f"{missing[0]} is stored in the checkpoint combined with other tensors: patcher cannot "
+            "patch it; edit other layers"
+        )
+    return {saved_as[id(parameters[name])]: delta for name, delta in deltas.items()}
+
+
 def resolve_model_dir(ref: str | Path, trust_remote_code: bool = False) -> Path:
     """A local folder for `ref`: the folder itself, or a hub id downloaded to the HF cache."""
     path = Path(ref).expanduser()

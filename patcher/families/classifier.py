@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from patcher.families import Family, register
 from patcher.methods import Deltas, EditInputs
-from patcher.models import load_classifier
+from patcher.models import in_checkpoint_names, load_classifier
 from patcher.spec import Spec
 from patcher.verification.classifier import verify_classifier
 
@@ -14,7 +14,7 @@ class Classifier(Family):
 
     def edit(self, folder, spec, method, config, stats, trust_remote_code, robust_to) -> Deltas:
         model = load_classifier(folder, trust_remote_code)
-        return method.run(EditInputs(model, None, spec, config, None, []))
+        return in_checkpoint_names(model, method.run(EditInputs(model, None, spec, config, None, [])))
 
     def verify(self, base, patched, spec, formats, artifacts) -> dict:
         return verify_classifier(base, patched, spec, formats)
