@@ -335,7 +335,12 @@ def _search_step(adapter, layer, batch, shift, requests, active, pad, hp):
     counts = torch.zeros(n).index_add_(0, batch.answer_owners, torch.ones(len(per_token)))
     edit_loss = torch.zeros(n).index_add(0, batch.answer_owners, per_token) / counts
     highest = torch.zeros(n).scatter_reduce(0, batch.answer_owners, probs.detach(), "amax", include_self=False)
-    done = torch.where(replaces, edit_loss.detach() < 0.05, highest < hp.stop_probability)
+    # A model whose next-token distribution is flat (Cohere's logit scale, a random
+    # initialisation) can still rank the target first below the stop probability.
+    on_top = (log_probs.argmax(-1) == batch.answer_tokens).float()
+    leading = torch.zeros(n).index_add_(0, batch.answer_owners, on_top) > 0
+    erased = (highest < hp.stop_probability) & ~leading
+    done = torch.where(replaces, edit_loss.detach() < 0.05, erased)
     return edit_loss, done, F.log_softmax(logits[batch.kl_rows, batch.kl_positions], -1)
 
 
