@@ -10,13 +10,22 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint, safetensors_header
 from patcher.formats.patch import Patch, PatchError
 from patcher.formats.registry import ExportOptions, Target, register
 
 PROVENANCE_FILE = "patcher.json"  # which patch made this folder, read back by verify
-LEGACY_WEIGHT_PREFIXES = ("pytorch_model", "tf_model", "flax_model", "model.ckpt")
+# A model's own files besides its weights: configs (model, generation, processor, scheduler,
+# pipeline index, shard index), tokenizer, chat template, remote code, card and licence.
+# Nothing else beside the weights ships: a spec there names every erased fact and its answer,
+# and a corpus or image set is the user's data, not the model's.
+MODEL_FILE_ENDINGS = (
+    "config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "chat_template.json", "model_index.json", ".safetensors.index.json", ".jinja", ".model", ".tiktoken", ".py",
+)  # fmt: skip
+MODEL_FILE_NAMES = frozenset({"merges.txt", "vocab.txt", "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md"})
 
 
 def check_patch_fits(checkpoint: Checkpoint, patch: Patch, force: bool = False) -> None:
@@ -36,7 +45,8 @@ def check_patch_fits(checkpoint: Checkpoint, patch: Patch, force: bool = False) 
 def write_model_folder(source: str | Path, out: str | Path, patch: Patch | None = None, force: bool = False) -> Path:
     """Copy the model folder `source` to `out` with `patch` added to its weights.
 
-    Config, tokenizer and every other file are copied as they are; weights are rewritten
+    The model's own files (configs, tokenizer, card: `is_model_file`) are copied as they are,
+    nothing else (a spec or corpus beside the weights stays behind); weights are rewritten
     shard by shard in their stored dtype, so peak memory is about one shard plus the
     patch. The folder appears at `out` only when complete.
     """
@@ -54,21 +64,32 @@ def write_model_folder(source: str | Path, out: str | Path, patch: Patch | None 
 
 
 def _copy_side_files(checkpoint: Checkpoint, dest: Path) -> None:
-    """Every file but the weights (recursively: a pipeline's components are folders)."""
+    """The model's own files but the weights (recursively: a pipeline's components are folders)."""
     weights = set(checkpoint.shards)
     for item in sorted(checkpoint.folder.rglob("*")):
         relative = item.relative_to(checkpoint.folder)
-        skipped = item in weights or _is_legacy_weights(item) or relative.parts[0] == PROVENANCE_FILE
-        if skipped or any(part.startswith(".") for part in relative.parts) or not item.is_file():
+        if item in weights or any(part.startswith(".") for part in relative.parts) or not is_model_file(item):
             continue
-        (dest / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(item, dest / relative)
+        _refuse_outside_link(item, checkpoint.folder)
+        if item.is_file():
+            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, dest / relative)
 
 
-def _is_legacy_weights(path: Path) -> bool:
-    """Other-framework, pickle or variant weights would go stale beside the patched safetensors."""
-    diffusers_variant = path.name.startswith("diffusion_pytorch_model") and not path.name.endswith(".json")
-    return path.name.startswith(LEGACY_WEIGHT_PREFIXES) or diffusers_variant
+def is_model_file(path: Path) -> bool:
+    """Whether `path` is one of a model's own files that ships beside its weights."""
+    return path.name in MODEL_FILE_NAMES or path.name.endswith(MODEL_FILE_ENDINGS)
+
+
+def _refuse_outside_link(path: Path, folder: Path) -> None:
+    """A symlink may point inside the model folder, or into the blobs of the Hugging Face
+    cache repository the folder is a snapshot of; anything else is refused, never copied."""
+    if not path.is_symlink():
+        return
+    target, root = path.resolve(), folder.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(allowed) for allowed in roots):
+        raise PatcherError(f"{path} links outside the model folder (to {target}): copy the file into the folder")
 
 
 def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str) -> None:
