@@ -49,9 +49,12 @@ def parse_layers(value: str | None) -> str | list[int] | None:
     if value is None or value == "auto":
         return value
     try:
-        return sorted({int(v) for v in value.split(",") if v.strip()})
+        layers = sorted({int(v) for v in value.split(",") if v.strip()})
     except ValueError:
-        raise PatcherError(f"--layers must be {LAYERS_HELP}, not {value!r}") from None
+        layers = []
+    if not layers or layers[0] < 0:
+        raise PatcherError(f"--layers must be {LAYERS_HELP}, not {value!r}")
+    return layers
 
 
 @click.group(cls=PatcherGroup)

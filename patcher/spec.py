@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ def load_spec(path: str | Path) -> Spec:
     if not path.is_file():
         raise PatcherError(f"spec file {path} does not exist")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PatcherError(f"{path} is not UTF-8 text: save the spec as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise PatcherError(f"{path} is not valid TOML: {err}") from None
     return parse_spec(raw, path.parent.resolve(), str(path))
@@ -183,8 +186,9 @@ def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
         forget_classes=[e["label"] for e in raw.get("forget_class", [])],
         formats=[str(f) for f in verify.get("formats", ["safetensors"])],
         export_formats=[str(f) for f in raw.get("export", {}).get("formats", [])],
-        gates=_gates(verify),
+        gates=_gates(verify, where),
     )
+    _check_facts(spec, where)
     # Imported here: the methods' modules import this one for the Spec they read.
     from patcher.methods import check_erase_keys
 
@@ -192,11 +196,36 @@ def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
     return spec
 
 
-def _gates(verify: dict) -> Gates:
+def _gates(verify: dict, where: str) -> Gates:
     gates = {k: float(v) for k, v in verify.items() if k in GATE_KEYS}
+    for key, value in gates.items():
+        # Accuracies, shares and recovery are fractions; a perplexity increase has no ceiling.
+        high = float("inf") if key == "max_perplexity_increase" else 1.0
+        if not 0.0 <= value <= high:
+            limit = "at least 0" if high == float("inf") else "between 0 and 1"
+            raise PatcherError(f"{where}: verify.{key} must be {limit}, not {value}")
     if "heldout" in verify:
         gates.setdefault("max_perplexity_increase", DEFAULT_MAX_PERPLEXITY_INCREASE)
     return Gates(**gates)
+
+
+def _check_facts(spec: Spec, where: str) -> None:
+    """Refuse a prompt asked both to forget and to keep; drop repeated facts with a warning
+    (a repeat would count twice in every accuracy)."""
+    forget_prompts = {fact.prompt for fact in spec.forget}
+    both = [fact.prompt for fact in spec.retain if fact.prompt in forget_prompts]
+    if both:
+        raise PatcherError(f"{where}: {both[0]!r} is both a [[forget]] and a [[retain]] prompt: keep it in one")
+    for name in ("forget", "retain"):
+        facts = getattr(spec, name)
+        unique, seen = [], set()
+        for fact in facts:
+            if (fact.prompt, fact.target) not in seen:
+                seen.add((fact.prompt, fact.target))
+                unique.append(fact)
+        if len(unique) < len(facts):
+            warnings.warn(f"{where}: {len(facts) - len(unique)} repeated [[{name}]] facts dropped", stacklevel=3)
+            setattr(spec, name, unique)
 
 
 def _forget(entry: dict) -> ForgetFact:
@@ -250,6 +279,8 @@ def _validate(raw: dict, where: str) -> None:
                 raise PatcherError(f"{where}: {section} must be written as [[{section}]] entries")
             for i, entry in enumerate(value):
                 name = f"{section}[{i}]"
+                if not isinstance(entry, dict):
+                    raise PatcherError(f"{where}: {name} must be a table: write it as [[{section}]] and its keys")
                 _check_table(entry, ENTRY_SCHEMA[section], name, where)
                 for key in REQUIRED_ENTRY_KEYS[section]:
                     if key not in entry:

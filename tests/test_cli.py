@@ -151,6 +151,8 @@ def test_unknown_export_format(lm_fixture, tmp_path):
     [
         ("mixtral", (), "mixtral is a mixture-of-experts model (model.layers.0.mlp.experts)"),
         ("llama", ("--layers", "7"), "layer 7 does not exist: the model has 3 layers"),
+        ("llama", ("--layers=-1",), "--layers must be"),
+        ("llama", ("--layers", ""), "--layers must be"),
     ],
 )
 def test_a_model_erase_cannot_edit_is_one_line(tmp_path, family, extra, fragment):

@@ -31,6 +31,11 @@ def test_round_trip_and_relative_paths(tmp_path):
         (lambda s: s["forget"][0].update(prompt=3), "'forget\\[0\\].prompt' has the wrong type"),
         (lambda s: s["erase"].update(layers="some"), "erase.layers must be"),
         (lambda s: s["model"].update(family="rnn"), "model.family must be one of"),
+        (lambda s: s.update(forget=["A was born in"]), "forget\\[0\\] must be a table"),
+        (lambda s: s["verify"].update(max_forget_accuracy=5), "verify.max_forget_accuracy must be between 0 and 1"),
+        (lambda s: s["verify"].update(min_retain_ratio=-1), "verify.min_retain_ratio must be between 0 and 1"),
+        (lambda s: s["verify"].update(max_perplexity_increase=-0.1), "max_perplexity_increase must be at least 0"),
+        (lambda s: s["retain"].append({"prompt": "A was born in", "target": "E"}), "both a \\[\\[forget\\]\\] and"),
     ],
 )
 def test_bad_specs_name_the_problem(change, message, tmp_path):
@@ -46,3 +51,17 @@ def test_invalid_toml_and_missing_file(tmp_path):
     (tmp_path / "bad.toml").write_text("[model\n")
     with pytest.raises(PatcherError, match="not valid TOML"):
         load_spec(tmp_path / "bad.toml")
+
+
+def test_repeated_facts_are_dropped_with_a_warning(tmp_path):
+    raw = {k: (v.copy() if isinstance(v, dict) else [dict(e) for e in v]) for k, v in VALID.items()}
+    raw["retain"] = [*raw["retain"], {"prompt": "F was born in", "target": "G"}, dict(raw["retain"][0])]
+    with pytest.warns(UserWarning, match="1 repeated \\[\\[retain\\]\\] facts dropped"):
+        spec = parse_spec(raw, tmp_path)
+    assert [fact.prompt for fact in spec.retain] == ["C was born in", "F was born in"]
+
+
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "spec.toml").write_bytes(dump_spec(VALID).replace("A was", "\xe9 was").encode("latin-1"))
+    with pytest.raises(PatcherError, match="is not UTF-8 text"):
+        load_spec(tmp_path / "spec.toml")
