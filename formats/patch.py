@@ -104,10 +104,7 @@ class Patch:
                 f"{param} has shape {tuple(tensor.shape)} but the patch's delta has "
                 f"{tuple(self.delta(param).shape)}: this patch was made for another model"
             )
-        stored = self.base_dtypes.get(param)
-        if stored is not None:
-            tensor = tensor.to(getattr(torch, stored))
-        if tensor_sha256(tensor) != self.base[param]:
+        if not matches_fingerprint(tensor, self.base[param], self.base_dtypes.get(param)):
             raise PatchError(
                 f"{param} differs from the base this patch was computed for "
                 "(fingerprint mismatch): apply it to its own base model, or pass --force"
@@ -150,6 +147,14 @@ class Patch:
         tensors, metadata = read_tensors(path, "patch file", PatchError)
         fields = _parse_metadata(path, metadata)
         return cls(tensors=tensors, **fields)
+
+
+def matches_fingerprint(tensor: torch.Tensor, digest: str, stored_dtype: str | None) -> bool:
+    """Whether `tensor`, cast back to the dtype it was stored in (upcasting is exact), has the
+    fingerprint a patch recorded for its base."""
+    if stored_dtype is not None:
+        tensor = tensor.to(getattr(torch, stored_dtype))
+    return tensor_sha256(tensor) == digest
 
 
 class _DuplicateName(ValueError):

@@ -312,8 +312,15 @@ def export(model_dir: str, fmt: str, out: Path, patch_path: Path | None, rank: i
 @click.option("--formats", default=None, help="comma-separated formats (default: the spec's)")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--force", is_flag=True, help="verify even if PATCHED was patched from another base (recorded)")
 def verify(
-    base: str, patched: Path, spec_path: Path, formats: str | None, report_path: Path | None, as_json: bool
+    base: str,
+    patched: Path,
+    spec_path: Path,
+    formats: str | None,
+    report_path: Path | None,
+    as_json: bool,
+    force: bool,
 ) -> None:
     """Measure erasure and retention in every format; exit 1 when a gate fails."""
     from patcher.models import resolve_model_dir
@@ -326,7 +333,7 @@ def verify(
     if not patched.is_dir():
         raise PatcherError(f"patched model folder {patched} does not exist")
     chosen = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
-    report = run_verify(resolve_model_dir(base), patched, spec, chosen)
+    report = run_verify(resolve_model_dir(base), patched, spec, chosen, force=force)
     if report_path is not None:
         write_report(report, report_path)
     emit(report, as_json, matrix.as_text(report))

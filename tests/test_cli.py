@@ -17,6 +17,7 @@ from patcher.fixtures.architectures import write_tiny_lm
 from patcher.formats.registry import format_names
 from patcher.methods import METHODS, robust_methods
 from patcher.spec import dump_spec, load_spec
+from patcher.verification.report import read_provenance
 
 
 def assert_bad_input(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -139,6 +140,20 @@ def test_inspect_reports_the_patch(memit_patch):
     assert summary["method"] == "memit"
     assert summary["forget_facts"] == len(knowledge.erasure_spec(knowledge.build_facts())["forget"])
     assert all(len(t["base_sha256"]) == 64 for t in summary["tensors"].values())
+
+
+def test_verify_refuses_a_folder_patched_from_another_base(lm_fixture, memit_patch, tmp_path):
+    patched = tmp_path / "patched"
+    run_cli("apply", str(lm_fixture), str(memit_patch), "--out", str(patched))
+    spec = str(lm_fixture / "spec.toml")
+    # The patched model, as --base, is a model its own patch was not computed from.
+    args = ("verify", "--base", str(patched), "--patched", str(patched), "--spec", spec, "--formats", "safetensors")
+    assert_bad_input(run_cli(*args, expect=2), f"{patched} was patched from another model than {patched}")
+    report = tmp_path / "report.json"
+    run_cli(*args, "--force", "--report", str(report), expect=None)
+    edited = set(json.loads(read_provenance(patched)["base"]))
+    assert json.loads(report.read_text())["base_mismatch"] in edited
+    assert run_cli("verify", "--base", str(lm_fixture), *args[3:], expect=None).returncode in (0, 1)  # its own base
 
 
 def test_unknown_export_format(lm_fixture, tmp_path):
