@@ -13,10 +13,10 @@ from safetensors import safe_open
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint, safetensors_header
+from patcher.formats.outputs import mark_output
 from patcher.formats.patch import Patch, PatchError
 from patcher.formats.registry import ExportOptions, Target, register
 
-PROVENANCE_FILE = "patcher.json"  # which patch made this folder, read back by verify
 # A model's own files besides its weights: configs (model, generation, processor, scheduler,
 # pipeline index, shard index), tokenizer, chat template, remote code, card and licence.
 # Nothing else beside the weights ships: a spec there names every erased fact and its answer,
@@ -57,10 +57,18 @@ def write_model_folder(source: str | Path, out: str | Path, patch: Patch | None 
         _copy_side_files(checkpoint, tmp)
         for shard in checkpoint.shards:
             _write_shard(shard, tmp / shard.relative_to(checkpoint.folder), patch, checkpoint.prefix_of[shard])
-        if patch is not None:
-            provenance = {k: v for k, v in patch.metadata().items() if k != "spec"}
-            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        mark_output(tmp, written_by(patch))
     return Path(out)
+
+
+def written_by(patch: Patch | None) -> dict:
+    """A patched folder's `patcher.json`: the patch's metadata but the spec (which lists every
+    erased fact); an unpatched one's: the patcher version."""
+    if patch is None:
+        from patcher import __version__
+
+        return {"patcher_version": __version__}
+    return {k: v for k, v in patch.metadata().items() if k != "spec"}
 
 
 def _copy_side_files(checkpoint: Checkpoint, dest: Path) -> None:

@@ -9,13 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from patcher.formats.hf import write_model_folder
+from patcher.formats.outputs import check_output
 from patcher.formats.patch import Patch
 from patcher.releasing.run import Release, prepare, run_release
 
 
-def apply(model: str | Path, patch: Patch | str | Path, out: str | Path, force: bool = False) -> Path:
+def apply(
+    model: str | Path, patch: Patch | str | Path, out: str | Path, force: bool = False, overwrite: bool = False
+) -> Path:
     """Write the model folder `model` with `patch` (a Patch or a patch file) applied to `out`;
-    refuses a patch computed for another model unless `force`."""
+    refuses a patch computed for another model unless `force`, and an `out` that overlaps
+    `model` or exists (unless `overwrite` and patcher wrote it)."""
+    check_output(out, [model], overwrite)
     if not isinstance(patch, Patch):
         patch = Patch.load(patch)
     return write_model_folder(model, out, patch, force)

@@ -45,6 +45,9 @@ def emit(data: dict, as_json: bool, human: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else human)
 
 
+OVERWRITE_HELP = "replace OUT if it exists and patcher wrote it (it holds patcher.json)"
+
+
 def parse_layers(value: str | None) -> str | list[int] | None:
     if value is None or value == "auto":
         return value
@@ -259,15 +262,19 @@ def erase(
 @click.argument("patch_path", metavar="PATCH", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--trust-remote-code", is_flag=True)
-def apply(model: str, patch_path: Path, out: Path, force: bool, trust_remote_code: bool) -> None:
+def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool, trust_remote_code: bool) -> None:
     """Write MODEL with PATCH applied to OUT, in the base's own layout, shard by shard."""
     from patcher.formats.hf import write_model_folder
+    from patcher.formats.outputs import check_output
     from patcher.formats.patch import Patch
     from patcher.models import resolve_model_dir
 
     patch = Patch.load(patch_path)
-    write_model_folder(resolve_model_dir(model, trust_remote_code), out, patch, force)
+    source = resolve_model_dir(model, trust_remote_code)
+    check_output(out, [source], overwrite)
+    write_model_folder(source, out, patch, force)
     click.echo(f"patched model -> {out}")
 
 
@@ -289,7 +296,10 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, trust_remote_cod
     help="peft, diffusers-lora: fixed rank (default: 99.9% / 99.75% of each delta's energy)",
 )
 @click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
-def export(model_dir: str, fmt: str, out: Path, patch_path: Path | None, rank: int | None, force: bool) -> None:
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def export(
+    model_dir: str, fmt: str, out: Path, patch_path: Path | None, rank: int | None, force: bool, overwrite: bool
+) -> None:
     """Export a model folder (with an optional patch applied) to a shippable format."""
     from patcher.exporting import export_model
     from patcher.formats.patch import Patch
@@ -297,7 +307,7 @@ def export(model_dir: str, fmt: str, out: Path, patch_path: Path | None, rank: i
 
     patch = Patch.load(patch_path) if patch_path else None
     source = resolve_model_dir(model_dir)
-    export_model(source, fmt, out, patch, force, rank)
+    export_model(source, fmt, out, patch, force, rank, overwrite)
     if fmt == "peft" and patch is not None:
         from patcher.verification.adapters import peft_export_summary
 

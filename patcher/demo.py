@@ -60,7 +60,7 @@ def run_demo(
     start = time.perf_counter()
     write_model_folder(fixture, out / "safetensors", patch)
     for fmt in (*quantized, *onnx_formats):
-        export_model(out / "safetensors", fmt, out / fmt)
+        export_model(out / "safetensors", fmt, out / fmt, overwrite=True)  # a rerun replaces its own
     timings["export"] = time.perf_counter() - start
     report = verify(fixture, out / "safetensors", spec, [*spec.formats, *onnx_formats])
     report["timings"].update({k: round(v, 3) for k, v in timings.items()})

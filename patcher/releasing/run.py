@@ -150,7 +150,7 @@ def _exporter(fmt: str):
         if log.is_done(f"export {fmt}", inputs, [target]):
             release.skipped.append(f"export {fmt}")
             return
-        export_model(release.base, fmt, target, Patch.load(release.patch_path))
+        export_model(release.base, fmt, target, Patch.load(release.patch_path), overwrite=True)
         log.record(f"export {fmt}", inputs)
 
     return stage

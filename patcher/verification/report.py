@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from patcher.formats.atomic import atomic_path
-from patcher.formats.hf import PROVENANCE_FILE
+from patcher.formats.outputs import PROVENANCE_FILE
 
 
 def read_provenance(folder: Path) -> dict:
