@@ -48,7 +48,8 @@ class Family(ABC):
         robust_to: tuple[str, ...],
     ) -> Deltas:
         """Load the model in `folder` and run `method` with `config` (its settings) on it:
-        the weight deltas of the patch."""
+        the weight deltas of the patch, named as the checkpoint files name the tensors
+        (`patcher.models.in_checkpoint_names`)."""
 
     @abstractmethod
     def verify(

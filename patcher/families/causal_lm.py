@@ -11,7 +11,7 @@ from patcher.families import Family, register
 from patcher.locate import locate
 from patcher.methods import Deltas, EditInputs, calibration
 from patcher.methods.lm_edit import auto_layers
-from patcher.models import load_causal_lm, model_fingerprint
+from patcher.models import in_checkpoint_names, load_causal_lm, model_fingerprint
 from patcher.spec import ForgetFact, Spec
 from patcher.stats import SecondMoments, collect_second_moments, corpus_batches, read_corpus, stats_cache_key
 from patcher.verification.lm import verify_lm
@@ -68,8 +68,10 @@ class CausalLM(Family):
             return method.run(EditInputs(adapter, tokenizer, spec, settings, moments, layers, robust_to))
 
         if method.calibrated and spec.retain and config.calibrate:
-            return calibration.calibrated(spec, config, adapter, tokenizer, edit_with, robust_to)
-        return edit_with(config)
+            deltas = calibration.calibrated(spec, config, adapter, tokenizer, edit_with, robust_to)
+        else:
+            deltas = edit_with(config)
+        return in_checkpoint_names(lm, deltas)
 
     def verify(self, base, patched, spec, formats, artifacts) -> dict:
         return verify_lm(base, patched, spec, formats, artifacts)
