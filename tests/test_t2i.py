@@ -76,8 +76,8 @@ def test_erasure_holds_on_generated_images(erased, method):
 
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 25: on diffusion fixtures built on other CPUs RECE's 120 rounds miss the retain or "
-    "attack gate (retain 0.708 on this project's CI machine; 0.917 with attack 0.219 on another)",
+    reason="issue 25: RECE's 120 rounds pass every gate on some builds of the diffusion fixture only "
+    "(retain 0.708 on one build before the template's prefix rows were kept; 0.917 with attack 0.219 on another)",
 )
 def test_rece_with_the_fixture_spec_passes_every_gate(erased):
     report = erased("rece")[2]

@@ -2,6 +2,7 @@
 
 import json
 import string
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from patcher.adapters.unet import UNetAdapter
 from patcher.errors import PatcherError
 from patcher.methods.uce import (
     UCEConfig,
+    concept_rows,
     inverted_embeddings,
     projection_deltas,
     rece_factors,
@@ -206,3 +208,26 @@ def test_adapter_bad_input(tmp_path):
         )
     with pytest.raises(PatcherError, match="do not match its UNet"):
         UNetAdapter(unet(32), adapter.encoders)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_uce_keeps_the_rows_before_the_concept_slot(family, tmp_path):
+    pipe = sdxl_pipeline(tmp_path) if family == "sdxl" else sd_pipeline(tmp_path, 24, linear_projection=False)
+    adapter = UNetAdapter.from_pipeline(pipe)
+    template = "a red {} now"
+    prefix = adapter.prefix_embeddings(template)
+    assert len(prefix) == 1 + len("ared")  # the start token, then one token per letter
+    for concept in ("circle", "square"):  # causal encoders: the same rows in every prompt of the template
+        torch.testing.assert_close(prefix, adapter.prompt_embeddings(template.format(concept))[: len(prefix)])
+    spec = SimpleNamespace(
+        concepts=[{"erase": "circle", "anchor": "blank"}], preserve=[{"concept": "square"}], templates=[template]
+    )
+    moved, missed = {}, {}
+    for keep in (False, True):
+        erase, anchors, preserve = concept_rows(adapter, spec, preserve_prefix=keep)
+        transform = uce_transform(erase, anchors, preserve, UCEConfig())
+        change = transform - torch.eye(len(transform), dtype=torch.float64)
+        moved[keep] = (prefix @ change.T).norm() / prefix.norm()  # (M − I) c for each prefix row c
+        missed[keep] = (erase @ transform.T - anchors).norm()  # how far M c_e stays from c_a
+    assert missed[True] <= 1.1 * missed[False]  # the erasure is as strong
+    assert moved[True] < 0.25 * moved[False]  # a least-squares trade-off, not an exact constraint

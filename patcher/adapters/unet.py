@@ -10,7 +10,9 @@ UCE does: a causal text encoder carries the concept into every later position.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +20,18 @@ from torch import nn
 from patcher.errors import PatcherError
 
 KEY_VALUE_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+
+
+def check_unet_pipeline(folder: Path) -> None:
+    """Refuse, before loading, a pipeline that draws with a transformer (SD3, FLUX, PixArt)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    if "unet" not in index and "transformer" in index:
+        denoiser = index["transformer"][-1] if isinstance(index["transformer"], list) else "a transformer"
+        raise PatcherError(
+            f"{folder} is a {index.get('_class_name', 'diffusers pipeline')} that draws with {denoiser}, a "
+            "transformer: patcher edits the cross-attention K/V projections of a UNet (Stable Diffusion 1.x, 2.x "
+            "and SDXL pipelines); SD3 and FLUX mix text and image tokens in joint attention, which has none"
+        )
 
 
 @dataclass
@@ -98,6 +112,12 @@ class UNetAdapter:
             start = self._token_count(prefix + concept) - 1
             rows.append(self.prompt_embeddings(template.format(concept))[start:])
         return rows
+
+    def prefix_embeddings(self, template: str) -> torch.Tensor:
+        """The rows of `template` before its concept slot (start token included): the same in
+        every prompt the template makes, since the text encoders are causal."""
+        prefix = template.split("{}")[0]
+        return self.prompt_embeddings(prefix)[: self._token_count(prefix)]
 
     def _token_count(self, text: str) -> int:
         """Tokens of `text` with the start token and without the end token."""

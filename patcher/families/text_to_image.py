@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from patcher.adapters.unet import UNetAdapter
+from patcher.adapters.unet import UNetAdapter, check_unet_pipeline
 from patcher.families import Family, register
 from patcher.methods import Deltas, EditInputs
 from patcher.models import load_pipeline
@@ -16,6 +16,7 @@ class TextToImage(Family):
     shows_images = True
 
     def edit(self, folder, spec, method, config, stats, trust_remote_code, robust_to) -> Deltas:
+        check_unet_pipeline(folder)
         adapter = UNetAdapter.from_pipeline(load_pipeline(folder))
         return method.run(EditInputs(adapter, None, spec, config, None, []))
 

@@ -37,6 +37,9 @@ class UCEConfig:
     uce_lambda: float = setting(0.5, "λ: weight of keeping every projection as it is")
     erase_scale: float = setting(1.0, "weight of mapping each erased concept onto its anchor")
     preserve_scale: float = setting(1.0, "weight of keeping the preserved concepts' outputs")
+    preserve_prefix: bool = setting(
+        True, "also keep the outputs of each template's tokens before the concept slot (UCE's own form: false)"
+    )
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,16 @@ def projection_deltas(weights: dict[str, torch.Tensor], factors: Factors) -> dic
     return deltas
 
 
-def concept_rows(adapter: UNetAdapter, spec: Spec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def concept_rows(
+    adapter: UNetAdapter, spec: Spec, preserve_prefix: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(erase, anchors, preserve) row embeddings of the spec's concepts in its templates.
 
     Erase and anchor rows pair up position by position from each concept's last token on
-    (the shorter prompt sets the count); preserve rows are every preserved concept's.
+    (the shorter prompt sets the count); preserve rows are every preserved concept's, and
+    with `preserve_prefix` each template's rows before the slot. Those rows are the same in
+    every prompt of the template, the concept's too, so nothing in the erased rows' span
+    pins them, and the update moves them with the erased rows' shared directions.
     """
     if not spec.concepts:
         raise PatcherError("the spec has no [[concept]] entries: name the concepts to erase")
@@ -150,6 +158,8 @@ def concept_rows(adapter: UNetAdapter, spec: Spec) -> tuple[torch.Tensor, torch.
     preserve = [
         rows for entry in spec.preserve for rows in adapter.concept_embeddings(entry["concept"], spec.templates)
     ]
+    if preserve_prefix:
+        preserve += [adapter.prefix_embeddings(template) for template in spec.templates]
     width = erase[0].shape[1]
     preserve_rows = torch.cat(preserve) if preserve else torch.zeros(0, width, dtype=torch.float64)
     return torch.cat(erase), torch.cat(anchors), preserve_rows
@@ -162,7 +172,8 @@ def _projection_weights(adapter: UNetAdapter) -> dict[str, torch.Tensor]:
 @register("uce", UCEConfig, ("t2i-unet",))
 def uce(inputs: EditInputs) -> Deltas:
     """UCE over every cross-attention K/V projection, all concepts in one solve."""
-    factors = uce_factors(*concept_rows(inputs.adapter, inputs.spec), inputs.config)
+    rows = concept_rows(inputs.adapter, inputs.spec, inputs.config.preserve_prefix)
+    factors = uce_factors(*rows, inputs.config)
     return projection_deltas(_projection_weights(inputs.adapter), factors)
 
 
@@ -172,7 +183,7 @@ def rece(inputs: EditInputs) -> Deltas:
     weights = _projection_weights(inputs.adapter)
     gram = sum(w.double().T @ w.double() for w in weights.values())
     factors = rece_factors(
-        *concept_rows(inputs.adapter, inputs.spec),
+        *concept_rows(inputs.adapter, inputs.spec, inputs.config.preserve_prefix),
         gram,
         rounds=inputs.config.rece_rounds,
         regularization=inputs.config.rece_regularization,
