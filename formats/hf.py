@@ -114,7 +114,7 @@ def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str) -> 
     with safe_open(source, framework="pt") as f, dest.open("r+b") as out:
         for name in patched:
             tensor = f.get_tensor(name)
-            updated = (tensor.float() + patch.delta(prefix + name)).to(tensor.dtype).contiguous()
+            updated = patch.patched(prefix + name, tensor).contiguous()
             out.seek(offsets[name])
             out.write(memoryview(updated.reshape(-1).view(torch.uint8).numpy()))
 

@@ -3,7 +3,8 @@
 Tensors are named `<param>.delta` (dense, in the parameter's own layout) or
 `<param>.lora_A` / `<param>.lora_B` (low rank, delta = B @ A). `__metadata__` holds string
 values only: `patcher_version`, `method`, `spec` (JSON), `base` (JSON: param -> sha256 of
-the base tensor's bytes), `base_dtypes` (JSON: param -> stored dtype) and `created`.
+the base tensor's bytes), `base_dtypes` (JSON: param -> stored dtype), `tensors_sha256`
+(JSON: patch tensor -> sha256 of its own bytes, so a corrupted file is refused) and `created`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from patcher.formats.tensorfile import read_tensors, require_file, write_tensors
 
 SUFFIXES = (".delta", ".lora_A", ".lora_B")
 REQUIRED_METADATA = ("patcher_version", "method", "spec", "base", "created")
-JSON_METADATA = ("spec", "base", "base_dtypes")
+JSON_METADATA = ("spec", "base", "base_dtypes", "tensors_sha256")
+# An edit moves a weight by a fraction of its norm; a delta this many times the weight is a
+# corrupt patch or another model's, whatever the fingerprints say.
+MAX_RELATIVE_DELTA = 10.0
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,27 @@ class Patch:
                 self.check_base(name, params[name])
         for name in self.params:
             param = params[name]
-            param.copy_((param.float() + self.delta(name).to(param.device)).to(param.dtype))
+            param.copy_(self.patched(name, param))
         return model
+
+    def patched(self, param: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` + the delta of `param`, in the tensor's dtype; refuses a result that is
+        not finite there (an fp16 weight overflows past 65504) or a delta many times the
+        weight: both mean a corrupt patch or one made for another model."""
+        delta = self.delta(param).to(tensor.device)
+        updated = (tensor.float() + delta).to(tensor.dtype)
+        if not torch.isfinite(updated).all():
+            raise PatchError(
+                f"adding the patch to {param} gives inf or NaN in {str(tensor.dtype).removeprefix('torch.')} "
+                f"(largest |delta| {delta.abs().max().item():.3g}): the patch is corrupt or for another model"
+            )
+        weight_norm, delta_norm = tensor.float().norm().item(), delta.norm().item()
+        if weight_norm > 0 and delta_norm > MAX_RELATIVE_DELTA * weight_norm:
+            raise PatchError(
+                f"the patch's delta for {param} is {delta_norm / weight_norm:.3g} times the weight's norm "
+                f"(an edit moves a weight by a fraction of it): the patch is corrupt or for another model"
+            )
+        return updated
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -132,6 +155,7 @@ class Patch:
             "spec": json.dumps(self.spec, sort_keys=True),
             "base": json.dumps(self.base, sort_keys=True),
             "base_dtypes": json.dumps(self.base_dtypes, sort_keys=True),
+            "tensors_sha256": json.dumps({n: tensor_sha256(t) for n, t in self.tensors.items()}, sort_keys=True),
             "created": self.created,
         }
 
@@ -146,7 +170,10 @@ class Patch:
         _check_header(path)
         tensors, metadata = read_tensors(path, "patch file", PatchError)
         fields = _parse_metadata(path, metadata)
-        return cls(tensors=tensors, **fields)
+        digests = fields.pop("tensors_sha256")
+        patch = cls(tensors=tensors, **fields)
+        _check_digests(path, tensors, digests)
+        return patch
 
 
 def matches_fingerprint(tensor: torch.Tensor, digest: str, stored_dtype: str | None) -> bool:
@@ -198,6 +225,17 @@ def _parse_metadata(path: Path, metadata: dict[str, str]) -> dict:
         if not isinstance(parsed[key], dict):
             raise PatchError(f"{path}: metadata {key!r} must be a JSON object")
     return parsed
+
+
+def _check_digests(path: Path, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> None:
+    """Each tensor's bytes against the digest written with it (patches from before digests have none)."""
+    if not digests:
+        return
+    if set(digests) != set(tensors):
+        raise PatchError(f"{path}: its tensors are not the ones it was written with (names differ from its digests)")
+    for name, tensor in tensors.items():
+        if tensor_sha256(tensor) != digests[name]:
+            raise PatchError(f"{path}: the bytes of {name} differ from its digest: the file is corrupt, recompute it")
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], base: dict[str, str]) -> None:

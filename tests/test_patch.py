@@ -99,3 +99,24 @@ def test_metadata_values_are_strings(tmp_path):
         metadata = f.metadata()
     assert all(isinstance(v, str) for v in metadata.values())
     assert set(json.loads(metadata["base"])) == {"layer.weight"}
+
+
+def test_a_patched_weight_must_stay_finite_and_near_the_weight():
+    weight = torch.randn(4, 6, dtype=torch.float16)
+    with pytest.raises(PatchError, match="inf or NaN in float16"):
+        make_patch(delta=torch.full((4, 6), 1e5)).patched("layer.weight", weight)  # past fp16's 65504
+    with pytest.raises(PatchError, match="times the weight's norm"):
+        make_patch(delta=1e3 * weight.float()).patched("layer.weight", weight.float())
+    delta = 0.1 * torch.randn(4, 6)
+    torch.testing.assert_close(
+        make_patch(delta=delta).patched("layer.weight", weight), (weight.float() + delta).half()
+    )
+
+
+def test_a_patch_without_tensor_digests_still_loads(tmp_path):
+    patch = make_patch()
+    metadata = {k: v for k, v in patch.metadata().items() if k != "tensors_sha256"}  # as patcher wrote it before
+    save_file(patch.tensors, tmp_path / "old.safetensors", metadata=metadata)
+    torch.testing.assert_close(
+        Patch.load(tmp_path / "old.safetensors").delta("layer.weight"), patch.delta("layer.weight")
+    )
