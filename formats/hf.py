@@ -34,8 +34,10 @@ def check_patch_fits(checkpoint: Checkpoint, patch: Patch, force: bool = False) 
     if missing:
         raise PatchError(f"{checkpoint.folder} has no tensor {missing[0]!r}: this patch is for another model")
     for param in patch.params:
+        tensor = checkpoint.tensor(param)
+        patch.check_shape(param, tensor)
         try:
-            patch.check_base(param, checkpoint.tensor(param))
+            patch.check_base(param, tensor)
         except PatchError:
             if not force:
                 raise
@@ -56,7 +58,8 @@ def write_model_folder(source: str | Path, out: str | Path, patch: Patch | None 
     with atomic_path(out, is_dir=True) as tmp:
         _copy_side_files(checkpoint, tmp)
         for shard in checkpoint.shards:
-            _write_shard(shard, tmp / shard.relative_to(checkpoint.folder), patch, checkpoint.prefix_of[shard])
+            dest = tmp / shard.relative_to(checkpoint.folder)
+            _write_shard(shard, dest, patch, checkpoint.prefix_of[shard], force)
         mark_output(tmp, written_by(patch))
     return Path(out)
 
@@ -100,7 +103,7 @@ def _refuse_outside_link(path: Path, folder: Path) -> None:
         raise PatcherError(f"{path} links outside the model folder (to {target}): copy the file into the folder")
 
 
-def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str) -> None:
+def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str, force: bool) -> None:
     """Copy one shard byte for byte, then overwrite in place the tensors the patch changes
     (their names are `prefix + tensor name`): a patched tensor keeps its dtype and shape,
     so its bytes keep their place. Memory holds one patched tensor at a time; the other
@@ -114,7 +117,7 @@ def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str) -> 
     with safe_open(source, framework="pt") as f, dest.open("r+b") as out:
         for name in patched:
             tensor = f.get_tensor(name)
-            updated = patch.patched(prefix + name, tensor).contiguous()
+            updated = patch.patched(prefix + name, tensor, force).contiguous()
             out.seek(offsets[name])
             out.write(memoryview(updated.reshape(-1).view(torch.uint8).numpy()))
 

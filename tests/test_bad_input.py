@@ -155,3 +155,14 @@ def test_a_mutated_patch_file_loads_unchanged_or_fails_in_one_line(valid_bytes, 
     original = load(valid_bytes)  # the digests let only unchanged tensor bytes through
     assert patch.tensors.keys() == original.keys()
     assert all(torch.equal(patch.tensors[name], tensor) for name, tensor in original.items())
+
+
+def test_force_never_broadcasts_a_delta_but_applies_an_absurd_one_with_a_warning(lm_fixture, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    wrong_shape(valid_patch(lm_fixture), bad)
+    result = run_cli("apply", str(lm_fixture), str(bad), "--out", str(tmp_path / "a"), "--force", expect=None)
+    assert_one_line_exit_2(result, "has shape")
+    assert not (tmp_path / "a").exists()
+    absurd_delta(valid_patch(lm_fixture), bad)
+    forced = run_cli("apply", str(lm_fixture), str(bad), "--out", str(tmp_path / "b"), "--force")
+    assert "times the weight's norm" in forced.stderr and (tmp_path / "b" / "model.safetensors").is_file()
