@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -12,7 +11,7 @@ from safetensors import safe_open
 
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
-from patcher.formats.checkpoint import Checkpoint, safetensors_header
+from patcher.formats.checkpoint import Checkpoint, tensor_entries
 from patcher.formats.outputs import mark_output
 from patcher.formats.patch import Patch, PatchError
 from patcher.formats.registry import ExportOptions, Target, register
@@ -29,7 +28,8 @@ MODEL_FILE_NAMES = frozenset({"merges.txt", "vocab.txt", "README.md", "LICENSE",
 
 
 def check_patch_fits(checkpoint: Checkpoint, patch: Patch, force: bool = False) -> None:
-    """Refuse a patch whose parameters are missing or whose base fingerprints differ."""
+    """Refuse a patch whose parameters are missing, whose shapes differ, or whose base
+    fingerprints or whole-model digest differ (these two pass with a warning under `force`)."""
     missing = [p for p in patch.params if p not in checkpoint.shard_of]
     if missing:
         raise PatchError(f"{checkpoint.folder} has no tensor {missing[0]!r}: this patch is for another model")
@@ -42,6 +42,13 @@ def check_patch_fits(checkpoint: Checkpoint, patch: Patch, force: bool = False) 
             if not force:
                 raise
             warnings.warn(f"--force: applying to {param} although its fingerprint differs", stacklevel=2)
+    if patch.base_model and checkpoint.model_digest() != patch.base_model:
+        if not force:
+            raise PatchError(
+                f"{checkpoint.folder}'s other tensors differ from the base this patch was computed for "
+                "(whole-model digest): apply it to its own base model, or pass --force"
+            )
+        warnings.warn("--force: applying although the model's whole-model digest differs", stacklevel=2)
 
 
 def write_model_folder(source: str | Path, out: str | Path, patch: Patch | None = None, force: bool = False) -> Path:
@@ -124,9 +131,8 @@ def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str, for
 
 def _tensor_offsets(shard: Path) -> dict[str, int]:
     """Where each tensor's bytes start in a safetensors file."""
-    header, data_start = safetensors_header(shard)
-    entries = json.loads(header)
-    return {name: data_start + entry["data_offsets"][0] for name, entry in entries.items() if name != "__metadata__"}
+    entries, data_start = tensor_entries(shard)
+    return {name: data_start + entry["data_offsets"][0] for name, entry in entries.items()}
 
 
 def load_causal_lm(folder: Path):

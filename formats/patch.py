@@ -4,7 +4,8 @@ Tensors are named `<param>.delta` (dense, in the parameter's own layout) or
 `<param>.lora_A` / `<param>.lora_B` (low rank, delta = B @ A). `__metadata__` holds string
 values only: `patcher_version`, `method`, `spec` (JSON), `base` (JSON: param -> sha256 of
 the base tensor's bytes), `base_dtypes` (JSON: param -> stored dtype), `tensors_sha256`
-(JSON: patch tensor -> sha256 of its own bytes, so a corrupted file is refused) and `created`.
+(JSON: patch tensor -> sha256 of its own bytes, so a corrupted file is refused),
+`base_model` (the base's whole-model digest, `Checkpoint.model_digest`) and `created`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Patch:
     spec: dict
     base: dict[str, str]
     base_dtypes: dict[str, str] = field(default_factory=dict)
+    base_model: str = ""  # whole-model digest of the base; empty in patches from before it existed
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     patcher_version: str = ""
 
@@ -69,6 +71,7 @@ class Patch:
         spec: dict,
         base: dict[str, str],
         base_dtypes: dict[str, str] | None = None,
+        base_model: str = "",
     ) -> Patch:
         """A patch of `<param>.delta` tensors, or `<param>.lora_A` / `.lora_B` pairs for low-rank deltas."""
 
@@ -81,7 +84,7 @@ class Patch:
                 tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = stored(delta.a), stored(delta.b)
             else:
                 tensors[f"{name}.delta"] = stored(delta)
-        return cls(tensors, method, spec, base, base_dtypes or {})
+        return cls(tensors, method, spec, base, base_dtypes or {}, base_model)
 
     @property
     def params(self) -> list[str]:
@@ -164,6 +167,7 @@ class Patch:
             "spec": json.dumps(self.spec, sort_keys=True),
             "base": json.dumps(self.base, sort_keys=True),
             "base_dtypes": json.dumps(self.base_dtypes, sort_keys=True),
+            "base_model": self.base_model,
             "tensors_sha256": json.dumps({n: tensor_sha256(t) for n, t in self.tensors.items()}, sort_keys=True),
             "created": self.created,
         }
@@ -226,6 +230,7 @@ def _parse_metadata(path: Path, metadata: dict[str, str]) -> dict:
     if missing:
         raise PatchError(f"{path} lacks patch metadata {missing[0]!r}: it was not written by patcher")
     parsed: dict = {key: metadata[key] for key in ("patcher_version", "method", "created")}
+    parsed["base_model"] = metadata.get("base_model", "")
     for key in JSON_METADATA:
         try:
             parsed[key] = json.loads(metadata.get(key, "{}"))

@@ -406,6 +406,7 @@ def inspect(patch_path: Path, as_json: bool) -> None:
         "method": patch.method,
         "patcher_version": patch.patcher_version,
         "created": patch.created,
+        "base_model": patch.base_model or None,
         "bytes": patch_path.stat().st_size,
         "tensors": tensors,
         "forget_facts": len(patch.spec.get("forget", [])),
@@ -413,6 +414,7 @@ def inspect(patch_path: Path, as_json: bool) -> None:
     lines = [
         f"{patch_path}: {patch.method} patch, patcher {patch.patcher_version}, created {patch.created}",
         f"{summary['bytes']} bytes, {len(tensors)} tensors, {summary['forget_facts']} forget facts",
+        f"base model digest {patch.base_model[:16] or '(none: written before digests)'}",
     ]
     for param, info in tensors.items():
         rank = "dense" if info["rank"] is None else f"rank {info['rank']}"

@@ -54,4 +54,5 @@ def _patch(folder: Path, deltas: dict, method_name: str, spec: Spec) -> Patch:
     """The patch of `deltas`, with the fingerprints and stored dtypes of the base tensors."""
     checkpoint = Checkpoint(folder)
     dtypes = {name: str(checkpoint.tensor(name).dtype).removeprefix("torch.") for name in deltas}
-    return Patch.from_deltas(deltas, method_name, spec.raw, checkpoint.fingerprints(deltas), dtypes)
+    fingerprints = checkpoint.fingerprints(deltas)
+    return Patch.from_deltas(deltas, method_name, spec.raw, fingerprints, dtypes, checkpoint.model_digest())

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from patcher.fixtures import knowledge
 from patcher.fixtures.architectures import write_tiny_lm
+from patcher.formats.checkpoint import Checkpoint
+from patcher.formats.patch import Patch
 from patcher.formats.registry import format_names
 from patcher.methods import METHODS, robust_methods
 from patcher.spec import dump_spec, load_spec
@@ -117,6 +119,25 @@ def test_patch_for_another_model_is_refused(lm_fixture, memit_patch, tmp_path):
     assert not (tmp_path / "out").exists()
     forced = run_cli("apply", str(other), str(memit_patch), "--out", str(tmp_path / "out"), "--force")
     assert forced.returncode == 0 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_patch_refuses_another_fine_tune_of_its_base(lm_fixture, memit_patch, tmp_path):
+    """The edited tensors are the base's, another tensor is not: the whole-model digest tells."""
+    other = tmp_path / "other"
+    shutil.copytree(lm_fixture, other)
+    weights = load_file(other / "model.safetensors")
+    untouched = "model.layers.0.self_attn.q_proj.weight"  # a tensor the patch does not edit
+    assert f"{untouched}.delta" not in load_file(memit_patch)
+    weights[untouched] = torch.randn_like(weights[untouched])  # a re-randomised layer
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("apply", str(other), str(memit_patch), "--out", str(tmp_path / "out"), expect=2)
+    assert_bad_input(result, "whole-model digest")
+    assert not (tmp_path / "out").exists()
+    forced = run_cli("apply", str(other), str(memit_patch), "--out", str(tmp_path / "out"), "--force")
+    assert "whole-model digest differs" in forced.stderr and (tmp_path / "out" / "model.safetensors").is_file()
+    digest = Checkpoint(lm_fixture).model_digest()
+    assert Patch.load(memit_patch).base_model == digest != Checkpoint(other).model_digest()
+    assert f"base model digest {digest[:16]}" in run_cli("inspect", str(memit_patch)).stdout
 
 
 def test_apply_writes_a_folder_transformers_loads(lm_fixture, memit_patch, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from patcher.formats.checkpoint import tensor_sha256
+from patcher.formats.checkpoint import Checkpoint, tensor_sha256
 from patcher.formats.patch import Patch, PatchError
 
 
@@ -120,3 +120,18 @@ def test_a_patch_without_tensor_digests_still_loads(tmp_path):
     torch.testing.assert_close(
         Patch.load(tmp_path / "old.safetensors").delta("layer.weight"), patch.delta("layer.weight")
     )
+
+
+def test_the_whole_model_digest_samples_every_tensor(tmp_path):
+    tensors = {"big": torch.randn(512, 1024), "small": torch.randn(3, 5)}  # 2 MiB: sampled in 16 windows
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / name).mkdir()
+    save_file(tensors, tmp_path / "a" / "model.safetensors")
+    save_file({k: v.clone() for k, v in tensors.items()}, tmp_path / "b" / "model.safetensors")
+    changed_small = {**tensors, "small": tensors["small"] + 1}
+    save_file(changed_small, tmp_path / "c" / "model.safetensors")
+    changed_big = {**tensors, "big": tensors["big"].clone()}
+    changed_big["big"][0, 0] += 1  # inside the first window
+    save_file(changed_big, tmp_path / "d" / "model.safetensors")
+    digests = [Checkpoint(tmp_path / name).model_digest() for name in ("a", "b", "c", "d")]
+    assert digests[0] == digests[1] and len(set(digests)) == 3
