@@ -98,6 +98,14 @@ class Checkpoint:
         return digest.hexdigest()
 
 
+def refuse_non_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str | Path) -> None:
+    """One line naming the first floating-point tensor that holds NaN or inf: a corrupt
+    checkpoint is never edited, measured or shipped."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise PatcherError(f"{where}: {name} holds NaN or inf values: the checkpoint is corrupt; restore it first")
+
+
 def tensor_entries(shard: Path) -> tuple[dict[str, dict], int]:
     """A safetensors file's tensor entries (dtype, shape, data_offsets) and where its data starts."""
     header, data_start = safetensors_header(shard)

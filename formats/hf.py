@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
-from patcher.formats.checkpoint import Checkpoint, tensor_entries
+from patcher.formats.checkpoint import Checkpoint, refuse_non_finite, tensor_entries
 from patcher.formats.outputs import mark_output
 from patcher.formats.patch import Patch, PatchError
 from patcher.formats.registry import ExportOptions, Target, register
@@ -113,9 +113,11 @@ def _refuse_outside_link(path: Path, folder: Path) -> None:
 def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str, force: bool) -> None:
     """Copy one shard byte for byte, then overwrite in place the tensors the patch changes
     (their names are `prefix + tensor name`): a patched tensor keeps its dtype and shape,
-    so its bytes keep their place. Memory holds one patched tensor at a time; the other
-    tensors never pass through Python."""
+    so its bytes keep their place. Every tensor is read once first, one at a time, to refuse
+    a shard holding NaN or inf; memory holds one tensor at a time."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with safe_open(source, framework="pt") as f:
+        refuse_non_finite(((prefix + name, f.get_tensor(name)) for name in f.keys()), source)  # noqa: SIM118
     shutil.copyfile(source, dest)
     if patch is None:
         return
@@ -136,10 +138,12 @@ def _tensor_offsets(shard: Path) -> dict[str, int]:
 
 
 def load_causal_lm(folder: Path):
-    """Plain transformers, as a user loads the exported safetensors folder."""
+    """Plain transformers, as a user loads the exported safetensors folder; NaN or inf refused."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    refuse_non_finite(model.named_parameters(), folder)
+    return model
 
 
 def _load_pipeline(folder: Path):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patcher.errors import PatcherError
+from patcher.formats.checkpoint import Checkpoint, refuse_non_finite
 
 if TYPE_CHECKING:
     from patcher.formats.patch import Patch
@@ -120,7 +121,9 @@ def whole_model(convert: Callable[[Path, Path], Any]) -> Exporter:
     applied into a temporary folder first, so the converter sees exactly the shipped weights."""
 
     def export(source: Path, out: Path, patch: Patch | None, options: ExportOptions) -> None:
-        if patch is None:
+        if patch is None:  # write_model_folder scans a patched copy; the source is scanned here
+            checkpoint = Checkpoint(source)
+            refuse_non_finite(((name, checkpoint.tensor(name)) for name in checkpoint.names()), source)
             convert(source, out)
             return
         from patcher.formats.hf import write_model_folder

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from patcher.errors import PatcherError
-from patcher.formats.checkpoint import Checkpoint
+from patcher.formats.checkpoint import Checkpoint, refuse_non_finite
 
 
 def in_checkpoint_names(model, deltas: dict) -> dict:
@@ -97,6 +97,7 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32, trust_remot
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise PatcherError(f"cannot load a causal LM from {folder}: {reason}") from None
+    refuse_non_finite(model.named_parameters(), folder)
     return model.eval(), tokenizer
 
 
@@ -113,6 +114,7 @@ def load_classifier(folder: Path, trust_remote_code: bool = False):
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise PatcherError(f"cannot load an image classifier from {folder}: {reason}") from None
+    refuse_non_finite(model.named_parameters(), folder)
     return model.eval()
 
 
@@ -131,6 +133,9 @@ def load_pipeline(folder: Path, unet=None):
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise PatcherError(f"cannot load a diffusers pipeline from {folder}: {reason}") from None
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            refuse_non_finite(((f"{name}/{p}", t) for p, t in component.named_parameters()), folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

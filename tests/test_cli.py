@@ -140,6 +140,28 @@ def test_patch_refuses_another_fine_tune_of_its_base(lm_fixture, memit_patch, tm
     assert f"base model digest {digest[:16]}" in run_cli("inspect", str(memit_patch)).stdout
 
 
+def test_a_model_with_nan_weights_is_refused_by_every_command_that_reads_it(lm_fixture, memit_patch, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(lm_fixture, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = "model.layers.1.self_attn.v_proj.weight"
+    weights[name][3, 4] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    spec, out = str(lm_fixture / "spec.toml"), tmp_path / "out"
+    commands = [
+        ("stats", str(broken), "--corpus", str(lm_fixture / "corpus.txt"), "--out", str(out)),
+        ("erase", str(broken), "--spec", spec, "--method", "memit", "--out", str(out)),
+        ("apply", str(broken), str(memit_patch), "--out", str(out), "--force"),  # --force: past the digest check
+        ("export", str(broken), "--to", "nf4", "--out", str(out)),
+        ("verify", "--base", str(broken), "--patched", str(lm_fixture), "--spec", spec, "--force"),
+    ]
+    for command in commands:
+        result = run_cli(*command, expect=2)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # apply also warns
+        assert len(errors) == 1 and f"{name} holds NaN or inf values" in errors[0], result.stderr
+        assert "Traceback" not in result.stderr and not out.exists(), command[0]
+
+
 def test_apply_writes_a_folder_transformers_loads(lm_fixture, memit_patch, tmp_path):
     result = run_cli("apply", str(lm_fixture), str(memit_patch), "--out", str(tmp_path / "patched"))
     assert result.returncode == 0, result.stderr
