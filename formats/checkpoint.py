@@ -36,9 +36,11 @@ class Checkpoint:
         for component in components or [""]:
             self._add_weights(self.folder / component, f"{component}/" if component else "")
         if not self.shard_of:
+            pickles = sorted(p.name for p in self.folder.rglob("*.bin"))
+            found = f" (only {', '.join(pickles[:2])}: pickle, which patcher never reads)" if pickles else ""
             raise PatcherError(
-                f"{self.folder} holds no {SINGLE_FILE} or {INDEX_FILE}: "
-                "save the model with save_pretrained(..., safe_serialization=True)"
+                f"{self.folder} holds no {SINGLE_FILE} or {INDEX_FILE}{found}: "
+                "load it yourself and save it with save_pretrained(..., safe_serialization=True)"
             )
 
     def _add_weights(self, folder: Path, prefix: str) -> None:

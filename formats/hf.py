@@ -141,6 +141,7 @@ def load_causal_lm(folder: Path):
     """Plain transformers, as a user loads the exported safetensors folder; NaN or inf refused."""
     from transformers import AutoModelForCausalLM
 
+    Checkpoint(folder)  # refuses a folder without safetensors weights before transformers reads a pickle
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     refuse_non_finite(model.named_parameters(), folder)
     return model

@@ -91,6 +91,7 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32, trust_remot
 
     if not (folder / "config.json").is_file():
         raise PatcherError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+    Checkpoint(folder)  # refuses a folder without safetensors weights before transformers reads a pickle
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -107,6 +108,7 @@ def load_classifier(folder: Path, trust_remote_code: bool = False):
 
     if not (folder / "config.json").is_file():
         raise PatcherError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+    Checkpoint(folder)  # refuses a folder without safetensors weights before transformers reads a pickle
     try:
         model = AutoModelForImageClassification.from_pretrained(
             folder, dtype=torch.float32, trust_remote_code=trust_remote_code
@@ -127,6 +129,7 @@ def load_pipeline(folder: Path, unet=None):
 
     if not (folder / "model_index.json").is_file():
         raise PatcherError(f"{folder} has no model_index.json: it is not a diffusers pipeline folder")
+    Checkpoint(folder)  # every component's weights in safetensors, before diffusers reads a pickle
     components = {} if unet is None else {"unet": unet}
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **components)

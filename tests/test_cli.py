@@ -162,6 +162,25 @@ def test_a_model_with_nan_weights_is_refused_by_every_command_that_reads_it(lm_f
         assert "Traceback" not in result.stderr and not out.exists(), command[0]
 
 
+def test_a_pickle_only_model_is_refused_before_anything_reads_it(lm_fixture, memit_patch, tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(lm_fixture, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    spec, out = str(lm_fixture / "spec.toml"), tmp_path / "out"
+    commands = [
+        ("stats", str(pickled), "--corpus", str(lm_fixture / "corpus.txt"), "--out", str(out)),
+        ("erase", str(pickled), "--spec", spec, "--out", str(out)),
+        ("locate", str(pickled), "--spec", spec),
+        ("apply", str(pickled), str(memit_patch), "--out", str(out)),
+        ("export", str(pickled), "--to", "int8", "--out", str(out)),
+        ("verify", "--base", str(pickled), "--patched", str(lm_fixture), "--spec", spec, "--force"),
+    ]
+    for command in commands:
+        assert_bad_input(run_cli(*command, expect=2), "(only pytorch_model.bin: pickle, which patcher never reads)")
+        assert not out.exists(), command[0]
+
+
 def test_apply_writes_a_folder_transformers_loads(lm_fixture, memit_patch, tmp_path):
     result = run_cli("apply", str(lm_fixture), str(memit_patch), "--out", str(tmp_path / "patched"))
     assert result.returncode == 0, result.stderr
