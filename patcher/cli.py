@@ -210,10 +210,12 @@ def locate(model: str | None, spec_path: Path, as_json: bool, trust_remote_code:
     from patcher.locate import locate as locate_subjects
     from patcher.models import load_causal_lm
     from patcher.spec import load_spec
+    from patcher.tokens import check_fits_context
 
     spec = load_spec(spec_path)
     folder = model_dir_for(spec, model, trust_remote_code)
     lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+    check_fits_context(tokenizer, lm.config, spec.fact_pairs())
     found = locate_subjects(causal_lm_adapter(lm), tokenizer, spec.forget)
     emit(found.to_json(), as_json, found.table())
 

@@ -13,3 +13,8 @@ class ErasureIncomplete(PatcherError):
     """The edit could not erase every forget fact: the result, not the input, is at fault."""
 
     exit_code = 1
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """`text` quoted for a one-line message, cut to `limit` characters (a spec's prompt may be pages long)."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")

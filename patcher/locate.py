@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 
 from patcher import kernels
 from patcher.adapters import CausalLMAdapter
-from patcher.errors import PatcherError
+from patcher.errors import PatcherError, quoted
 from patcher.methods.lm_edit import infer_subject
 from patcher.spec import ForgetFact
 from patcher.tokens import encode_prompt
@@ -85,7 +85,7 @@ def subject_positions(tokenizer, prompt: str, subject: str) -> tuple[list[int], 
     """(prompt token ids, indices of the subject's tokens among them)."""
     start = prompt.find(subject)
     if start < 0:
-        raise PatcherError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
+        raise PatcherError(f"the subject {quoted(subject)} does not occur in the prompt {quoted(prompt)}")
     ids = encode_prompt(tokenizer, prompt)
     # A subject that opens the prompt starts after the tokenizer's own leading tokens (BOS), if any.
     first = len(encode_prompt(tokenizer, prompt[:start].rstrip())) if start else len(tokenizer("").input_ids)

@@ -142,6 +142,12 @@ class Spec:
     def to_json(self) -> str:
         return json.dumps(self.raw, sort_keys=True)
 
+    def fact_pairs(self) -> list[tuple[str, str]]:
+        """Every (prompt, target) edit or verify scores: forget facts, their paraphrases, retain facts."""
+        forget = [(f.prompt, f.target) for f in self.forget]
+        paraphrases = [(p, f.target) for f in self.forget for p in f.paraphrases]
+        return forget + paraphrases + [(r.prompt, r.target) for r in self.retain]
+
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; every problem is a PatcherError naming the key."""

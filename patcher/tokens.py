@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from patcher.errors import PatcherError
+from patcher.errors import PatcherError, quoted
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")  # where configs keep the context length
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -23,13 +25,28 @@ def encode_target(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def check_fits_context(tokenizer, config, facts: Iterable[tuple[str, str]]) -> None:
+    """Refuse, before any work, a prompt that with its target is longer than the model's context
+    (GPT-2's learned positions would fail deep inside the forward)."""
+    limit = next((getattr(config, key) for key in CONTEXT_KEYS if getattr(config, key, None)), None)
+    if limit is None:
+        return
+    for prompt, target in facts:
+        count = len(encode_prompt(tokenizer, prompt)) + len(encode_target(tokenizer, target))
+        if count > limit:
+            raise PatcherError(
+                f"the prompt {quoted(prompt)} is {count} tokens with its target, more than the model's "
+                f"context of {limit}: shorten it"
+            )
+
+
 def _check_known(tokenizer, ids: list[int], text: str, what: str) -> None:
     if not ids:
-        raise PatcherError(f"the {what} {text!r} encodes to no tokens: give a non-empty {what}")
+        raise PatcherError(f"the {what} {quoted(text)} encodes to no tokens: give a non-empty {what}")
     unk = tokenizer.unk_token_id
     if unk is not None and unk in ids:
         raise PatcherError(
-            f"the {what} {text!r} has words the tokenizer cannot encode: use words from the model's vocabulary"
+            f"the {what} {quoted(text)} has words the tokenizer cannot encode: use words from the model's vocabulary"
         )
 
 

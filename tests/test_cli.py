@@ -238,6 +238,23 @@ def test_a_model_erase_cannot_edit_is_one_line(tmp_path, family, extra, fragment
     assert_bad_input(run_cli("erase", str(tmp_path), "--spec", spec, *extra, "--out", out, expect=2), fragment)
 
 
+def test_a_prompt_longer_than_the_context_is_one_line_with_the_numbers(tmp_path):
+    write_tiny_lm("gpt2", tmp_path)  # learned positions: 64
+    raw = load_spec(tmp_path / "spec.toml").raw
+    raw["retain"][0]["prompt"] = " ".join(["ba"] * 100)
+    spec = tmp_path / "long.toml"
+    spec.write_text(dump_spec(raw))
+    commands = [
+        ("erase", str(tmp_path), "--spec", str(spec), "--method", "memit", "--out", str(tmp_path / "p.safetensors")),
+        ("locate", str(tmp_path), "--spec", str(spec)),
+        ("verify", "--base", str(tmp_path), "--patched", str(tmp_path), "--spec", str(spec), "--force"),
+    ]
+    for command in commands:
+        result = run_cli(*command, expect=2)
+        assert_bad_input(result, "tokens with its target, more than the model's context of 64: shorten it")
+        assert "'ba ba ba" in result.stderr and len(result.stderr) < 300  # the prompt is cut in the message
+
+
 def test_stats_on_a_pipeline_is_one_line(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     (tmp_path / "corpus.txt").write_text("a line\n")

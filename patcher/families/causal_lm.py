@@ -14,6 +14,7 @@ from patcher.methods.lm_edit import auto_layers
 from patcher.models import in_checkpoint_names, load_causal_lm, model_fingerprint
 from patcher.spec import ForgetFact, Spec
 from patcher.stats import SecondMoments, collect_second_moments, corpus_batches, read_corpus, stats_cache_key
+from patcher.tokens import check_fits_context
 from patcher.verification.lm import verify_lm
 
 
@@ -55,6 +56,7 @@ class CausalLM(Family):
         """Layers from the spec (or `locate`), key statistics from `stats` or the spec's
         corpus (cached), then the method, calibrated on the seen retain facts when it can be."""
         lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+        check_fits_context(tokenizer, lm.config, spec.fact_pairs())
         adapter = causal_lm_adapter(lm)
         layers = resolve_layers(spec.layers, adapter, tokenizer, spec.forget)
         if not method.needs_stats:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from patcher.adapters import CausalLMAdapter
 from patcher.adapters.base import per_token
-from patcher.errors import PatcherError
+from patcher.errors import PatcherError, quoted
 from patcher.models import trainable_only
 from patcher.progress import progress
 from patcher.scoring import target_leads
@@ -82,7 +82,7 @@ def build_request(tokenizer, fact: ForgetFact) -> EditRequest:
     subject = infer_subject(fact)
     start = fact.prompt.find(subject)
     if start < 0:
-        raise PatcherError(f"the subject {subject!r} does not occur in the prompt {fact.prompt!r}")
+        raise PatcherError(f"the subject {quoted(subject)} does not occur in the prompt {quoted(fact.prompt)}")
     prompt_ids = encode_prompt(tokenizer, fact.prompt)
     subject_end = len(encode_prompt(tokenizer, fact.prompt[: start + len(subject)])) - 1
     essence_ids = _essence_prompt(tokenizer, subject)

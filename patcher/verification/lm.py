@@ -15,6 +15,7 @@ from patcher.formats.registry import get_target
 from patcher.quantizers import dequantized_weight
 from patcher.scoring import accuracy
 from patcher.spec import Spec
+from patcher.tokens import check_fits_context
 from patcher.verification.grading import assemble_report, graded_row
 from patcher.verification.perplexity import perplexity
 from patcher.verification.report import read_provenance
@@ -85,6 +86,7 @@ def verify_lm(base: Path, patched: Path, spec: Spec, formats: list[str], artifac
     provenance = read_provenance(patched)
     edited = sorted(json.loads(provenance.get("base", "{}")))
     full_base, full_patched = load_causal_lm(base), load_causal_lm(patched)
+    check_fits_context(tokenizer_of(base), full_base.config, spec.fact_pairs())
     base_params, patched_params = dict(full_base.named_parameters()), dict(full_patched.named_parameters())
     edit_norms = {p: (patched_params[p] - base_params[p]).norm().item() for p in edited if p in base_params}
 
