@@ -29,6 +29,10 @@ JSON_METADATA = ("spec", "base", "base_dtypes", "tensors_sha256")
 # the fingerprints say. Real edits stay far below it: MEMIT's default erase of the LM
 # fixture, whose weights are small, moves one projection by 11 times its norm.
 MAX_RELATIVE_DELTA = 1000.0
+# The largest dense delta a low-rank pair may declare: 2^32 elements (16 GiB in fp32), far
+# above any model's largest projection (Llama-3-70B's MLP: 2.3e8), so a corrupt header
+# cannot make apply or inspect allocate terabytes.
+MAX_DELTA_ELEMENTS = 2**32
 
 
 @dataclass(frozen=True)
@@ -236,8 +240,13 @@ def _parse_metadata(path: Path, metadata: dict[str, str]) -> dict:
             parsed[key] = json.loads(metadata.get(key, "{}"))
         except json.JSONDecodeError:
             raise PatchError(f"{path}: metadata {key!r} is not valid JSON") from None
+        except RecursionError:
+            raise PatchError(f"{path}: metadata {key!r} is nested too deeply to be a patch's") from None
         if not isinstance(parsed[key], dict):
             raise PatchError(f"{path}: metadata {key!r} must be a JSON object")
+    for param, dtype in parsed["base_dtypes"].items():
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise PatchError(f"{path}: base_dtypes names {dtype!r} for {param}, which is not a torch dtype")
     return parsed
 
 
@@ -277,3 +286,10 @@ def _check_tensors(tensors: dict[str, torch.Tensor], base: dict[str, str]) -> No
             b = tensors[name[: -len("lora_A")] + "lora_B"]
             if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
                 raise PatchError(f"{name}: lora_B @ lora_A shapes {tuple(b.shape)} x {tuple(a.shape)} do not chain")
+            if a.shape[0] == 0:
+                raise PatchError(f"{name} has rank 0: a low-rank pair must hold at least one factor")
+            if b.shape[0] * a.shape[1] > MAX_DELTA_ELEMENTS:
+                raise PatchError(
+                    f"{name} declares a {b.shape[0]} x {a.shape[1]} delta, more than any model's matrix: "
+                    "the file is corrupt"
+                )

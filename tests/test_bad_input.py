@@ -68,6 +68,24 @@ def nan_delta(patch: Patch, path: Path) -> None:
     save_file({f"{PARAM}.delta": torch.full_like(patch.delta(PARAM), float("nan"))}, path, metadata=handmade(patch))
 
 
+def dtype_not_a_dtype(patch: Patch, path: Path) -> None:
+    save_file(patch.tensors, path, metadata={**handmade(patch), "base_dtypes": json.dumps({PARAM: "Tensor"})})
+
+
+def deeply_nested_metadata(patch: Patch, path: Path) -> None:
+    save_file(patch.tensors, path, metadata={**handmade(patch), "spec": "[" * 100_000 + "]" * 100_000})
+
+
+def rank_zero_pair(patch: Patch, path: Path) -> None:
+    pair = {f"{PARAM}.lora_A": torch.zeros(0, 512), f"{PARAM}.lora_B": torch.zeros(128, 0)}
+    save_file(pair, path, metadata=handmade(patch))
+
+
+def terabyte_pair(patch: Patch, path: Path) -> None:
+    pair = {f"{PARAM}.lora_A": torch.zeros(1, 2**20), f"{PARAM}.lora_B": torch.zeros(2**13, 1)}  # 2^33 elements
+    save_file(pair, path, metadata=handmade(patch))
+
+
 def flipped_byte(patch: Patch, path: Path) -> None:
     patch.save(path)
     data = bytearray(path.read_bytes())
@@ -87,6 +105,10 @@ DEFECTS = {
     metadata_not_json: "'base' is not valid JSON",
     duplicated_name: "appears twice",
     nan_delta: "NaN or inf",
+    dtype_not_a_dtype: "which is not a torch dtype",
+    deeply_nested_metadata: "nested too deeply",
+    rank_zero_pair: "has rank 0",
+    terabyte_pair: "more than any model's matrix",
     flipped_byte: "differ from its digest",
     absurd_delta: "times the weight's norm",
 }
@@ -166,3 +188,36 @@ def test_force_never_broadcasts_a_delta_but_applies_an_absurd_one_with_a_warning
     absurd_delta(valid_patch(lm_fixture), bad)
     forced = run_cli("apply", str(lm_fixture), str(bad), "--out", str(tmp_path / "b"), "--force")
     assert "times the weight's norm" in forced.stderr and (tmp_path / "b" / "model.safetensors").is_file()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+metadata_values = st.one_of(
+    json_values.map(json.dumps),
+    st.text(max_size=40),
+    st.integers(1, 5000).map(lambda depth: "[" * depth + "]" * depth),
+    st.dictionaries(st.just("w"), st.sampled_from(["float32", "bfloat16", "int8", "Tensor", "", "float"])).map(
+        json.dumps
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["spec", "base", "base_dtypes", "tensors_sha256", "method"]), value=metadata_values)
+def test_any_metadata_value_loads_or_fails_in_one_line(valid_bytes, key, value):
+    """Metadata fuzz: nesting, sizes and dtypes that patcher never writes are refused in one line."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "p.safetensors"
+        save_file(load(valid_bytes), path, metadata={**_metadata_of(valid_bytes), key: value})
+        try:
+            Patch.load(path)
+        except PatchError as err:
+            assert "\n" not in str(err)
+
+
+def _metadata_of(raw: bytes) -> dict[str, str]:
+    length = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + length])["__metadata__"]
