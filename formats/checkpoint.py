@@ -19,6 +19,8 @@ INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_STEMS = ("model", "diffusion_pytorch_model")
 PIPELINE_INDEX = "model_index.json"
 SAMPLE_WINDOWS, SAMPLE_WINDOW_BYTES = 16, 4096  # the whole-model digest's sample of each tensor
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SCAN_CHUNK_BYTES = 4 * 2**20  # the NaN scan reads shards in chunks this size: no mmap, no tensor copies
 
 
 class Checkpoint:
@@ -46,6 +48,11 @@ class Checkpoint:
     def _add_weights(self, folder: Path, prefix: str) -> None:
         for stem in WEIGHT_STEMS:
             index, single = folder / f"{stem}.safetensors.index.json", folder / f"{stem}.safetensors"
+            for path in (index, single):
+                if path.is_symlink() and not path.exists():
+                    raise PatcherError(
+                        f"{path} is a link that leads nowhere (broken, or a loop): point it at the file"
+                    )
             if index.is_file():
                 weight_map = json.loads(index.read_text())["weight_map"]
                 shards = {name: folder / shard for name, shard in weight_map.items()}
@@ -56,10 +63,11 @@ class Checkpoint:
                         "copy or download the complete checkpoint"
                     )
             elif single.is_file():
-                with safe_open(single, framework="pt") as f:
-                    shards = dict.fromkeys(f.keys(), single)  # noqa: SIM118
+                shards = dict.fromkeys(_checked_entries(single), single)
             else:
                 continue
+            for shard in set(shards.values()) - {single}:
+                _checked_entries(shard)
             for name, shard in shards.items():
                 self.shard_of[prefix + name] = shard
                 self.prefix_of[shard] = prefix
@@ -81,6 +89,17 @@ class Checkpoint:
     def fingerprints(self, names: Iterable[str]) -> dict[str, str]:
         """sha256 of each named tensor's bytes exactly as stored (dtype and layout)."""
         return {name: tensor_sha256(self.tensor(name)) for name in names}
+
+    def refuse_non_finite(self, shard: Path | None = None) -> None:
+        """One line naming the first tensor (of `shard`, or of every shard) holding NaN or inf,
+        read in SCAN_CHUNK_BYTES chunks so that memory stays flat whatever the shard's size."""
+        for path in [shard] if shard is not None else self.shards:
+            entries, data_start = tensor_entries(path)
+            with path.open("rb") as f:
+                for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+                    dtype = SAFETENSORS_FLOATS.get(entry["dtype"])
+                    if dtype is not None and not _finite_bytes(f, data_start, entry["data_offsets"], dtype):
+                        raise _non_finite(self.prefix_of[path] + name, path)
 
     def model_digest(self) -> str:
         """sha256 over every tensor's name, dtype, shape and up to SAMPLE_WINDOWS windows of
@@ -105,7 +124,39 @@ def refuse_non_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: str | 
     checkpoint is never edited, measured or shipped."""
     for name, tensor in tensors:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise PatcherError(f"{where}: {name} holds NaN or inf values: the checkpoint is corrupt; restore it first")
+            raise _non_finite(name, where)
+
+
+def _non_finite(name: str, where: str | Path) -> PatcherError:
+    return PatcherError(f"{where}: {name} holds NaN or inf values: the checkpoint is corrupt; restore it first")
+
+
+def _finite_bytes(f, data_start: int, offsets: list[int], dtype: torch.dtype) -> bool:
+    """Whether the tensor stored at `offsets` in the open file `f` holds only finite values."""
+    begin, end = offsets
+    f.seek(data_start + begin)
+    step = SCAN_CHUNK_BYTES - SCAN_CHUNK_BYTES % dtype.itemsize
+    for start in range(begin, end, step):
+        chunk = bytearray(f.read(min(step, end - start)))
+        if chunk and not torch.isfinite(torch.frombuffer(chunk, dtype=dtype)).all():
+            return False
+    return True
+
+
+def _checked_entries(shard: Path) -> dict[str, dict]:
+    """A shard's tensor entries, after checking that its header reads and its file holds every
+    byte the header describes: a truncated download is one line, not a SafetensorError."""
+    try:
+        entries, data_start = tensor_entries(shard)
+    except (ValueError, OSError) as err:
+        raise PatcherError(f"{shard} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    described = data_start + max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+    size = shard.stat().st_size
+    if described > size:
+        raise PatcherError(
+            f"{shard} is truncated: its header describes {described} bytes, the file holds {size}; copy it again"
+        )
+    return entries
 
 
 def tensor_entries(shard: Path) -> tuple[dict[str, dict], int]:

@@ -66,7 +66,7 @@ def write_model_folder(source: str | Path, out: str | Path, patch: Patch | None 
         _copy_side_files(checkpoint, tmp)
         for shard in checkpoint.shards:
             dest = tmp / shard.relative_to(checkpoint.folder)
-            _write_shard(shard, dest, patch, checkpoint.prefix_of[shard], force)
+            _write_shard(checkpoint, shard, dest, patch, force)
         mark_output(tmp, written_by(patch))
     return Path(out)
 
@@ -110,18 +110,17 @@ def _refuse_outside_link(path: Path, folder: Path) -> None:
         raise PatcherError(f"{path} links outside the model folder (to {target}): copy the file into the folder")
 
 
-def _write_shard(source: Path, dest: Path, patch: Patch | None, prefix: str, force: bool) -> None:
+def _write_shard(checkpoint: Checkpoint, source: Path, dest: Path, patch: Patch | None, force: bool) -> None:
     """Copy one shard byte for byte, then overwrite in place the tensors the patch changes
-    (their names are `prefix + tensor name`): a patched tensor keeps its dtype and shape,
-    so its bytes keep their place. Every tensor is read once first, one at a time, to refuse
-    a shard holding NaN or inf; memory holds one tensor at a time."""
+    (named `<component>/<name>` in a pipeline): a patched tensor keeps its dtype and shape,
+    so its bytes keep their place. The shard is scanned for NaN or inf first, in chunks;
+    memory holds one patched tensor at a time."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with safe_open(source, framework="pt") as f:
-        refuse_non_finite(((prefix + name, f.get_tensor(name)) for name in f.keys()), source)  # noqa: SIM118
+    checkpoint.refuse_non_finite(source)
     shutil.copyfile(source, dest)
     if patch is None:
         return
-    offsets = _tensor_offsets(source)
+    offsets, prefix = _tensor_offsets(source), checkpoint.prefix_of[source]
     patched = [name for name in offsets if prefix + name in patch.params]
     with safe_open(source, framework="pt") as f, dest.open("r+b") as out:
         for name in patched:

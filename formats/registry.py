@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from patcher.errors import PatcherError
-from patcher.formats.checkpoint import Checkpoint, refuse_non_finite
+from patcher.formats.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
     from patcher.formats.patch import Patch
@@ -122,8 +122,7 @@ def whole_model(convert: Callable[[Path, Path], Any]) -> Exporter:
 
     def export(source: Path, out: Path, patch: Patch | None, options: ExportOptions) -> None:
         if patch is None:  # write_model_folder scans a patched copy; the source is scanned here
-            checkpoint = Checkpoint(source)
-            refuse_non_finite(((name, checkpoint.tensor(name)) for name in checkpoint.names()), source)
+            Checkpoint(source).refuse_non_finite()
             convert(source, out)
             return
         from patcher.formats.hf import write_model_folder

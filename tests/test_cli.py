@@ -181,6 +181,30 @@ def test_a_pickle_only_model_is_refused_before_anything_reads_it(lm_fixture, mem
         assert not out.exists(), command[0]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "link loop"])
+def test_damaged_weights_are_one_line_in_every_command(lm_fixture, memit_patch, tmp_path, damage):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(lm_fixture, damaged)
+    weights = damaged / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        fragment = "is truncated: its header describes"
+    else:
+        weights.unlink()
+        weights.symlink_to("model.safetensors")
+        fragment = "is a link that leads nowhere"
+    spec, out = str(lm_fixture / "spec.toml"), tmp_path / "out"
+    commands = [
+        ("stats", str(damaged), "--corpus", str(lm_fixture / "corpus.txt"), "--out", str(out)),
+        ("erase", str(damaged), "--spec", spec, "--out", str(out)),
+        ("apply", str(damaged), str(memit_patch), "--out", str(out)),
+        ("export", str(damaged), "--to", "nf4", "--out", str(out)),
+    ]
+    for command in commands:
+        assert_bad_input(run_cli(*command, expect=2), fragment)
+        assert not out.exists(), command[0]
+
+
 def test_apply_writes_a_folder_transformers_loads(lm_fixture, memit_patch, tmp_path):
     result = run_cli("apply", str(lm_fixture), str(memit_patch), "--out", str(tmp_path / "patched"))
     assert result.returncode == 0, result.stderr

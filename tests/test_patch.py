@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from patcher.errors import PatcherError
+from patcher.formats import checkpoint as checkpoint_module
 from patcher.formats.checkpoint import Checkpoint, tensor_sha256
 from patcher.formats.patch import Patch, PatchError
 
@@ -135,3 +137,17 @@ def test_the_whole_model_digest_samples_every_tensor(tmp_path):
     save_file(changed_big, tmp_path / "d" / "model.safetensors")
     digests = [Checkpoint(tmp_path / name).model_digest() for name in ("a", "b", "c", "d")]
     assert digests[0] == digests[1] and len(set(digests)) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_shard_scan_finds_nan_or_inf_in_any_chunk(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(checkpoint_module, "SCAN_CHUNK_BYTES", 64)  # many chunks per tensor
+    values = torch.randn(10, 30).to(dtype)
+    save_file({"a": torch.randn(3, 3), "b": values}, tmp_path / "model.safetensors")
+    Checkpoint(tmp_path).refuse_non_finite()  # all finite
+    for bad in (float("nan"), float("inf")):
+        broken = values.clone()
+        broken[9, 29] = bad  # in the last chunk
+        save_file({"a": torch.randn(3, 3), "b": broken}, tmp_path / "model.safetensors")
+        with pytest.raises(PatcherError, match="b holds NaN or inf values"):
+            Checkpoint(tmp_path).refuse_non_finite()
