@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from patcher.errors import PatcherError, io_cause
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
@@ -18,14 +20,17 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
     `target` is left as it was. An existing target is replaced only at the final rename.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.tmp-"
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as err:
+        raise PatcherError(f"cannot write {target}: {io_cause(err)}") from None
     try:
         yield tmp
         _replace(tmp, target)

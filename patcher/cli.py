@@ -6,20 +6,25 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import click
+from safetensors import SafetensorError
 
 from patcher import __version__
-from patcher.errors import PatcherError
+from patcher.errors import PatcherError, io_error_message, safetensors_io_message
 
 LAYERS_HELP = 'comma-separated layer indices, or "auto"'
 
 
+CRASH_EXIT_CODE = 3  # neither a failed gate (1) nor bad input (2): a bug to report
+
+
 class PatcherGroup(click.Group):
-    """Turns PatcherError and click usage errors into one line on stderr and the error's exit
-    code (2 for bad input)."""
+    """Turns PatcherError, click usage errors and I/O errors into one line on stderr and the
+    error's exit code (2 for bad input), and a crash into its traceback and exit code 3."""
 
     def main(self, *args, **kwargs):
         try:
@@ -35,6 +40,16 @@ class PatcherGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("aborted", err=True)
             sys.exit(130)
+        except OSError as err:
+            click.echo(f"error: cannot read or write {io_error_message(err)}", err=True)
+            sys.exit(2)
+        except SafetensorError as err:
+            click.echo(f"error: reading or writing a safetensors file failed: {safetensors_io_message(err)}", err=True)
+            sys.exit(2)
+        except Exception:
+            traceback.print_exc()
+            click.echo("error: patcher crashed (a bug, not bad input): please report it with the traceback", err=True)
+            sys.exit(CRASH_EXIT_CODE)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -1,11 +1,13 @@
 """`--out` never destroys data: not the input model, not a folder or file patcher did not
 write; `--overwrite` replaces only an earlier output of patcher."""
 
+import errno
 import hashlib
 from pathlib import Path
 
 import pytest
 from helpers import run_cli
+from safetensors import SafetensorError
 
 from patcher.fixtures.architectures import write_tiny_lm
 
@@ -66,3 +68,36 @@ def test_overwrite_replaces_an_earlier_output_of_patcher(model, tmp_path):
     (out / "stale.txt").write_text("from the earlier run\n")
     export(model, out, "--overwrite", expect=0)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def failing(err: Exception):
+    def fail(*args, **kwargs):
+        raise err
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    "where, err, fragment",
+    [
+        ("shutil.copyfile", OSError(errno.ENOSPC, "No space left", "shard"), "shard: no space left on the device"),
+        ("tempfile.mkdtemp", OSError(errno.EROFS, "Read-only file system"), "the file system is read-only"),
+        ("shutil.copyfile", SafetensorError("IoError(Os { code: 28 })"), "no space left on the device"),
+    ],
+)
+def test_io_failures_are_one_line_exit_2_and_leave_nothing(model, tmp_path, monkeypatch, where, err, fragment):
+    """A full or read-only disk, as the OS or safetensors reports it, mid-way through an export."""
+    module, name = where.split(".")
+    monkeypatch.setattr(f"{module}.{name}", failing(err))
+    out = tmp_path / "out"
+    result = export(model, out, expect=None)
+    assert_refused(result, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary
+
+
+def test_a_crash_is_exit_3_with_its_traceback_and_leaves_nothing(model, tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.copyfile", failing(RuntimeError("boom")))
+    result = export(model, tmp_path / "out", expect=3)
+    assert "Traceback" in result.stderr and "RuntimeError: boom" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: patcher crashed (a bug, not bad input)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
