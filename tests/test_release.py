@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from helpers import reduced_spec, run_cli
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from patcher.models import model_fingerprint
 from patcher.spec import dump_spec
 
 
@@ -62,6 +64,37 @@ def test_a_rerun_skips_every_finished_stage(lm_fixture, lm_release):
 
 
 @pytest.mark.slow
+def test_a_rerun_redoes_what_a_changed_input_or_a_damaged_artifact_touches(lm_fixture, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(lm_fixture, base)
+    spec = tomllib.loads((lm_fixture / "spec.toml").read_text())
+    spec["verify"]["formats"] = ["safetensors", "int8"]
+    (base / "small.toml").write_text(dump_spec(spec))
+    out = tmp_path / "out"
+
+    def rerun() -> set[str]:
+        result = run_cli("release", str(base / "small.toml"), "--out", str(out), "--json", expect=None)
+        return set(json.loads(result.stdout)["skipped_stages"])
+
+    rerun()
+    every = {"erase", "export safetensors", "export int8", "verify"}
+    assert rerun() == every
+    shipped = out / "artifacts" / "int8" / "model.safetensors"
+    verified = shipped.read_bytes()
+    shipped.write_bytes(verified[:-10])  # truncated after the release
+    assert rerun() == every - {"export int8"}  # the verify stands: the export wrote the same bytes again
+    assert shipped.read_bytes() == verified
+    with (base / "corpus.txt").open("a") as corpus:
+        corpus.write("One more sentence the statistics must now see.\n")
+    assert rerun() == set()  # a new patch, so every export and the verify again
+    weights = load_file(base / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01  # a tensor no edit touches
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    assert "erase" not in rerun()
+    report = json.loads((out / "report.json").read_text())
+    assert report["base_fingerprint"] == model_fingerprint(base)
+
+
 def test_a_release_whose_gates_fail_exits_1_and_names_the_format(lm_fixture, tmp_path):
     spec = tomllib.loads((lm_fixture / "spec.toml").read_text())
     spec["erase"] = {"method": "ga", "layers": spec["erase"]["layers"]}

@@ -1,6 +1,8 @@
 """`patcher release` as a library call: spec -> patch -> every artifact -> verified -> card and report.
 
-Stages, each skipped on a rerun when its outputs exist and were made from the same inputs:
+Stages, each skipped on a rerun when it was made from the same inputs (the spec, the base's
+whole-model digest, the corpus and other data files, the patch) and its outputs still hold
+the bytes it wrote:
 1. erase with the spec's method, made robust to the spec's quantized formats when the
    method supports it (memit, alphaedit);
 2. export every format of `[verify].formats` and `[export].formats` that the model family
@@ -122,14 +124,21 @@ def run_release(release: Release) -> Release:
     return release
 
 
+def _data_files(spec: Spec) -> list[Path]:
+    """The files a spec names besides the model: corpus, held-out text, image sets, judge."""
+    named = (spec.corpus, spec.heldout, spec.stats_data, spec.eval_data, spec.images.judge)
+    return [path for path in named if path is not None]
+
+
 def _erase(release: Release, log: StageLog) -> None:
-    inputs = digest(release.spec.to_json(), ",".join(release.robust_to), __version__)
+    base = Checkpoint(release.base).model_digest()
+    inputs = digest(release.spec.to_json(), ",".join(release.robust_to), __version__, base, *_data_files(release.spec))
     if log.is_done("erase", inputs, [release.patch_path]) and _patch_fits(release):
         release.skipped.append("erase")
         return
     patch = erase(release.spec, release.base, robust_to=release.robust_to)
     patch.save(release.patch_path)
-    log.record("erase", inputs)
+    log.record("erase", inputs, [release.patch_path])
 
 
 def _patch_fits(release: Release) -> bool:
@@ -151,7 +160,7 @@ def _exporter(fmt: str):
             release.skipped.append(f"export {fmt}")
             return
         export_model(release.base, fmt, target, Patch.load(release.patch_path), overwrite=True)
-        log.record(f"export {fmt}", inputs)
+        log.record(f"export {fmt}", inputs, [target])
 
     return stage
 
@@ -168,8 +177,12 @@ def _verified_formats(release: Release) -> list[str]:
 def _verify(release: Release, log: StageLog) -> None:
     report_path = release.out / "report.json"
     formats = _verified_formats(release)
-    inputs = digest(release.patch_path, release.spec.to_json(), ",".join(formats), ",".join(release.artifacts))
-    if log.is_done("verify", inputs, [report_path]):
+    exported = [log.outputs_of(f"export {fmt}") for fmt in release.artifacts]  # the bytes each export wrote
+    base = Checkpoint(release.base).model_digest()
+    spec = (release.spec.to_json(), ",".join(formats), *release.artifacts, *_data_files(release.spec))
+    inputs = digest(release.patch_path, base, *spec, *exported)
+    # report.json is rewritten with every run's timings, so only its presence is checked
+    if log.is_done("verify", inputs, []) and report_path.is_file():
         release.skipped.append("verify")
         release.report = json.loads(report_path.read_text())
         return
@@ -182,7 +195,7 @@ def _verify(release: Release, log: StageLog) -> None:
     report["artifacts"] = {fmt: str(path.relative_to(release.out)) for fmt, path in release.artifacts.items()}
     write_report(report, report_path)
     release.report = report
-    log.record("verify", inputs)
+    log.record("verify", inputs, [])
 
 
 def _add_peft_row(release: Release, report: dict) -> None:
