@@ -21,12 +21,12 @@ from patcher.formats.atomic import atomic_path
 from patcher.formats.registry import Target, register, whole_model
 from patcher.quantizers import (
     BITSANDBYTES_FORMATS,
-    INT4_GROUP,
     QUANTIZED_FORMATS,
     SKIPPED_MODULES,
     check_format,
     check_quantizable,
-    int4_scales,
+    int4_args,
+    int4_qparams,
 )
 
 TOKENIZER_FILES = (
@@ -105,7 +105,6 @@ def _int4_compressed(source: Path):
     """(model, compressor): every quantized linear layer rounded to int4 groups and packed."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
-        QuantizationArgs,
         QuantizationConfig,
         QuantizationScheme,
         QuantizationStatus,
@@ -114,15 +113,15 @@ def _int4_compressed(source: Path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source).eval()
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=INT4_GROUP)
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    scheme = QuantizationScheme(targets=["Linear"], weights=int4_args())
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(SKIPPED_MODULES))
     apply_quantization_config(model, config)
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "weight_scale"):
-                module.weight_scale.copy_(int4_scales(module.weight).to(module.weight_scale.dtype))
-                module.weight_zero_point.zero_()
+                scale, zero_point = int4_qparams(module.weight)
+                module.weight_scale.copy_(scale.to(module.weight_scale.dtype))
+                module.weight_zero_point.copy_(zero_point.to(module.weight_zero_point.dtype))
                 module.quantization_status = QuantizationStatus.FROZEN
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     compressor.compress_model(model)

@@ -49,12 +49,19 @@ def resolve_model_dir(ref: str | Path, trust_remote_code: bool = False) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(str(ref), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        folder = Path(snapshot_download(str(ref), allow_patterns=hub_patterns(trust_remote_code)))
     except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PatcherError(f"could not fetch {ref} from the hub ({reason}): pass a local folder instead") from None
     _refuse_remote_code(folder, trust_remote_code)
     return folder
+
+
+def hub_patterns(trust_remote_code: bool) -> list[str]:
+    """The files a hub download fetches: configs, safetensors weights, tokenizer files, chat
+    templates, and the model's code only when it is to be run; never pickled weights."""
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "README.md", "LICENSE*"]
+    return [*patterns, "*.py"] if trust_remote_code else patterns
 
 
 def _refuse_remote_code(folder: Path, trust_remote_code: bool) -> None:

@@ -62,10 +62,21 @@ def check_quantizable(model: torch.nn.Module, fmt: str) -> None:
                 )
 
 
-def int4_scales(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric round-to-nearest scales of each group: absmax / 7.5 (int4 spans [-8, 7])."""
-    groups = weight.detach().float().reshape(weight.shape[0], -1, INT4_GROUP)
-    return groups.abs().amax(-1) / 7.5
+def int4_args():
+    """compressed-tensors' description of patcher's int4: symmetric, groups of INT4_GROUP (W4A16)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=INT4_GROUP)
+
+
+def int4_qparams(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of each group, from compressed-tensors' own `calculate_qparams`,
+    in the weight's dtype as the export stores them: a hand-written absmax / 7.5 in fp32
+    rounds 8% of a bf16 weight's entries differently from the artifact."""
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    groups = weight.detach().reshape(weight.shape[0], -1, INT4_GROUP)
+    return calculate_qparams(groups.amin(-1), groups.amax(-1), int4_args())
 
 
 @torch.no_grad()
@@ -89,16 +100,18 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """Quantize then dequantize an (out, in) weight exactly as `fmt` does on load (fp32 out).
 
     4-bit: bitsandbytes' blockwise absmax over 64 consecutive values of the fp32 weight;
-    int8: LLM.int8's row-wise absmax of the fp16 weight. Lets an edit be checked in a
-    format without writing a checkpoint.
+    int8: LLM.int8's row-wise absmax of the fp16 weight; int4: compressed-tensors' own
+    `fake_quantize` in the weight's dtype. Lets an edit be checked in a format without
+    writing a checkpoint.
     """
-    import bitsandbytes.functional as bnbf
-
     check_format(fmt)
     if fmt == "int4":
-        scales = int4_scales(weight).unsqueeze(-1)
-        groups = weight.detach().float().reshape(weight.shape[0], -1, INT4_GROUP)
-        return (torch.round(groups / scales).clamp(-8, 7) * scales).reshape(weight.shape)
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+
+        scale, zero_point = int4_qparams(weight)
+        return ct_fake_quantize(weight.detach(), scale, zero_point, int4_args()).float()
+    import bitsandbytes.functional as bnbf
+
     settings = BITSANDBYTES_FORMATS[fmt]
     if settings.get("load_in_4bit"):
         packed, state = bnbf.quantize_4bit(weight.detach().float(), quant_type=settings["bnb_4bit_quant_type"])

@@ -284,3 +284,23 @@ def test_stats_on_a_pipeline_is_one_line(tmp_path):
     (tmp_path / "corpus.txt").write_text("a line\n")
     result = run_cli("stats", str(tmp_path), "--corpus", str(tmp_path / "corpus.txt"), "--out", "s.st", expect=2)
     assert_bad_input(result, "is a t2i-unet model: `patcher stats` collects for causal-lm and classifier models")
+
+
+def test_a_hub_download_keeps_chat_templates_and_fetches_code_only_when_trusted(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from patcher.models import resolve_model_dir
+
+    asked = []
+
+    def fake_download(repo_id, allow_patterns):
+        asked.append(allow_patterns)
+        (tmp_path / "config.json").write_text("{}")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert resolve_model_dir("org/model") == tmp_path
+    resolve_model_dir("org/model", trust_remote_code=True)
+    plain, trusted = asked
+    assert {"*.jinja", "*.safetensors", "*.json"} <= set(plain) and "*.py" not in plain
+    assert "*.py" in trusted and not any(p.endswith((".bin", ".pt", ".pth")) for p in trusted)

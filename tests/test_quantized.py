@@ -9,7 +9,13 @@ from helpers import tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from patcher.errors import PatcherError
-from patcher.formats.quantized import load_quantized, quantization_config, quantize_linears
+from patcher.formats.quantized import (
+    export_quantized,
+    load_exported,
+    load_quantized,
+    quantization_config,
+    quantize_linears,
+)
 from patcher.methods.robust import solve_in_box, solve_in_box_on_subspace
 from patcher.quantizers import check_format, check_quantizable, dequantized_weight, fake_quantize, scale_envelope
 
@@ -38,6 +44,21 @@ def test_fake_quantize_matches_the_real_quantizer(tiny_folder, fmt):
         error = (fake_quantize(weight, fmt) - effective).abs().max() / weight.abs().max()
         assert error < TOLERANCE[fmt], (name, float(error))
         assert (fake_quantize(weight, fmt) - weight).abs().max() > 0  # it does quantize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int4_fake_quantization_is_the_artifact_bit_for_bit(tmp_path, dtype):
+    """The weights an int4 export decompresses to, for a base stored in each dtype, equal
+    fake_quantize's in that dtype on every entry (a hand-written absmax / 7.5 in fp32 missed 8%)."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(256, 512)).to(dtype).save_pretrained(tmp_path / "base")
+    exported = load_exported(export_quantized(tmp_path / "base", "int4", tmp_path / "int4"), "int4")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"):
+        weight, shipped = base.get_submodule(name).weight.detach(), exported.get_submodule(name).weight.detach()
+        assert weight.dtype == shipped.dtype == dtype
+        assert torch.equal(fake_quantize(weight, "int4").to(dtype), shipped), name
+        assert not torch.equal(shipped, weight)  # it does quantize
 
 
 def test_scale_envelopes():
