@@ -1,6 +1,7 @@
 """Helpers shared by the test modules."""
 
 import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -104,6 +105,32 @@ def reduced_spec(folder, tmp_path, **verify) -> str:
     path = tmp_path / "spec.toml"
     path.write_text(dump_spec(raw))
     return str(path)
+
+
+def erase_apply_verify(fixture, folder, method: str, formats: str) -> tuple:
+    """A pipeline fixture's reduced spec through `erase`, `apply` and `verify --formats FORMATS`
+    in `folder`; returns (patch path, patched folder, report, verify's exit code)."""
+    patch, patched, report = folder / "patch.safetensors", folder / "patched", folder / "report.json"
+    spec = reduced_spec(fixture, folder)
+    run_cli("erase", "--spec", spec, "--method", method, "--out", str(patch))
+    run_cli("apply", str(fixture), str(patch), "--out", str(patched))
+    result = run_cli(
+        "verify", "--base", str(fixture), "--patched", str(patched), "--spec", spec,
+        "--formats", formats, "--report", str(report), expect=None,
+    )  # fmt: skip
+    return patch, patched, json.loads(report.read_text()), result.returncode
+
+
+def pipeline_runs(fixture, tmp_path_factory, formats: str):
+    """`run(method)`: `erase_apply_verify` once per method, remembered for later calls."""
+    runs = {}
+
+    def run(method: str) -> tuple:
+        if method not in runs:
+            runs[method] = erase_apply_verify(fixture, tmp_path_factory.mktemp(method), method, formats)
+        return runs[method]
+
+    return run
 
 
 def contributing_recipe(name: str) -> str:

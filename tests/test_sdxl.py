@@ -2,8 +2,6 @@
 verify on generated images in every bitsandbytes format and against the inversion attack,
 the diffusers LoRA loaded by the SDXL pipeline, and transformer pipelines refused."""
 
-import json
-
 import pytest
 import torch
 from diffusers import (
@@ -14,7 +12,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
 )
-from helpers import export_patched, reduced_spec, run_cli
+from helpers import export_patched, pipeline_runs, run_cli
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from patcher.fixtures.diffusion import write_tokenizer
@@ -28,23 +26,7 @@ FORMATS = ("safetensors", "int8", "nf4", "fp4")
 def erased(sdxl_fixture, tmp_path_factory):
     """`erased(method)`: erase, apply and verify in every format once per method for this module;
     returns (patch path, patched folder, report, verify's exit code)."""
-    runs = {}
-
-    def run(method: str):
-        if method not in runs:
-            folder = tmp_path_factory.mktemp(f"sdxl-{method}")
-            patch, patched, report_path = folder / "patch.safetensors", folder / "patched", folder / "report.json"
-            spec = reduced_spec(sdxl_fixture, folder)
-            run_cli("erase", "--spec", spec, "--method", method, "--out", str(patch))
-            run_cli("apply", str(sdxl_fixture), str(patch), "--out", str(patched))
-            result = run_cli(
-                "verify", "--base", str(sdxl_fixture), "--patched", str(patched), "--spec", spec,
-                "--formats", ",".join(FORMATS), "--report", str(report_path), expect=None,
-            )  # fmt: skip
-            runs[method] = patch, patched, json.loads(report_path.read_text()), result.returncode
-        return runs[method]
-
-    return run
+    return pipeline_runs(sdxl_fixture, tmp_path_factory, ",".join(FORMATS))
 
 
 def test_fixture_is_a_stock_sdxl_pipeline(sdxl_fixture):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import export_patched, reduced_spec, run_cli
+from helpers import export_patched, pipeline_runs, reduced_spec, run_cli
 
 from patcher.adapters.unet import UNetAdapter
 from patcher.fixtures.diffusion import SHAPES, colour_templates, shape_accuracy
@@ -40,23 +40,7 @@ def test_fixture_is_a_stock_pipeline_that_draws_its_shapes(diffusion_fixture):
 def erased(diffusion_fixture, tmp_path_factory):
     """`erased(method)`: erase, apply and verify (safetensors) once per method for this module;
     returns (patch path, patched folder, report, verify's exit code)."""
-    runs = {}
-
-    def run(method: str):
-        if method not in runs:
-            folder = tmp_path_factory.mktemp(method)
-            patch, patched, report_path = folder / "patch.safetensors", folder / "patched", folder / "report.json"
-            spec = reduced_spec(diffusion_fixture, folder)
-            run_cli("erase", "--spec", spec, "--method", method, "--out", str(patch))
-            run_cli("apply", str(diffusion_fixture), str(patch), "--out", str(patched))
-            result = run_cli(
-                "verify", "--base", str(diffusion_fixture), "--patched", str(patched), "--spec", spec,
-                "--formats", "safetensors", "--report", str(report_path), expect=None,
-            )  # fmt: skip
-            runs[method] = patch, patched, json.loads(report_path.read_text()), result.returncode
-        return runs[method]
-
-    return run
+    return pipeline_runs(diffusion_fixture, tmp_path_factory, "safetensors")
 
 
 @pytest.mark.parametrize("method", ["uce", "rece"])
