@@ -15,6 +15,7 @@ from patcher.formats.checkpoint import Checkpoint, refuse_non_finite, tensor_ent
 from patcher.formats.outputs import mark_output
 from patcher.formats.patch import Patch, PatchError
 from patcher.formats.registry import ExportOptions, Target, register
+from patcher.models import remote_code_trusted
 
 # A model's own files besides its weights: configs (model, generation, processor, scheduler,
 # pipeline index, shard index), tokenizer, chat template, remote code, card and licence.
@@ -141,7 +142,7 @@ def load_causal_lm(folder: Path):
     from transformers import AutoModelForCausalLM
 
     Checkpoint(folder)  # refuses a folder without safetensors weights before transformers reads a pickle
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote_code_trusted()).eval()
     refuse_non_finite(model.named_parameters(), folder)
     return model
 

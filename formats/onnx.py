@@ -24,6 +24,7 @@ import torch
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.registry import Target, register, whole_model
+from patcher.models import remote_code_trusted
 
 ONNX_FORMATS = ("onnx", "onnx-int8")
 ONNX_FILE = "model.onnx"
@@ -71,7 +72,7 @@ def export_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[str, floa
     if fmt not in ONNX_FORMATS:
         raise PatcherError(f"unknown ONNX format {fmt!r}: use one of {', '.join(ONNX_FORMATS)}")
     source = Path(source)
-    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=remote_code_trusted()).eval()
     with atomic_path(out, is_dir=True) as tmp:
         graph = tmp / ONNX_FILE
         ids = torch.randint(0, model.config.vocab_size, EXPORT_SHAPE)

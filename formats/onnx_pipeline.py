@@ -24,6 +24,7 @@ from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.onnx import ONNX_FILE, ONNX_FORMATS, export_graph, quantize_int8
 from patcher.formats.registry import Target, register, whole_model
+from patcher.models import remote_code_trusted
 
 TOLERANCES = {"text_encoder": 1e-4, "unet": 1e-3, "vae_decoder": 1e-3}
 QUANTIZED_COMPONENTS = ("text_encoder", "unet")  # where the prompt meets the weights; the VAE stays fp32
@@ -141,7 +142,7 @@ def export_pipeline_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[
     if fmt not in ONNX_FORMATS:
         raise PatcherError(f"unknown ONNX format {fmt!r}: use one of {', '.join(ONNX_FORMATS)}")
     source = Path(source)
-    pipe = DiffusionPipeline.from_pretrained(source, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(source, dtype=torch.float32, trust_remote_code=remote_code_trusted())
     differences = {}
     with atomic_path(out, is_dir=True) as tmp:
         for plan in graph_plans(pipe):

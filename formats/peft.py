@@ -21,6 +21,7 @@ from patcher.formats.hf import check_patch_fits
 from patcher.formats.lora import low_rank_factors
 from patcher.formats.patch import Patch
 from patcher.formats.registry import ExportOptions, Target, register
+from patcher.models import remote_code_trusted
 
 PEFT_ENERGY = 0.999  # share of each dense delta's energy the adapter keeps by default
 SUMMARY_FILE = "patcher_export.json"  # per module: rank and energy kept
@@ -35,7 +36,7 @@ def export_peft(
     from transformers import AutoModelForCausalLM
 
     check_patch_fits(Checkpoint(model_dir), patch)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote_code_trusted()).eval()
     modules = dict(model.named_modules())
     factors, summary = {}, {}
     for param in patch.params:

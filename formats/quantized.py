@@ -19,6 +19,7 @@ import torch
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.registry import Target, register, whole_model
+from patcher.models import remote_code_trusted
 from patcher.quantizers import (
     BITSANDBYTES_FORMATS,
     QUANTIZED_FORMATS,
@@ -52,8 +53,11 @@ def _skeleton(folder: Path) -> torch.nn.Module:
     """The model's modules without weights, to check shapes before any work."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    trusted = remote_code_trusted()
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        return AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(folder, trust_remote_code=trusted), trust_remote_code=trusted
+        )
 
 
 def load_quantized(folder: str | Path, fmt: str):
@@ -66,7 +70,7 @@ def load_quantized(folder: str | Path, fmt: str):
         with tempfile.TemporaryDirectory(prefix="patcher-int4-") as tmp:
             return load_exported(export_quantized(folder, fmt, Path(tmp) / "int4"), fmt)
     return AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quantization_config(fmt), device_map="cpu"
+        folder, quantization_config=quantization_config(fmt), device_map="cpu", trust_remote_code=remote_code_trusted()
     ).eval()
 
 
@@ -76,14 +80,17 @@ def load_exported(folder: str | Path, fmt: str):
     from transformers import AutoModelForCausalLM
 
     check_format(fmt)
+    trusted = remote_code_trusted()
     if fmt != "int4":
-        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", trust_remote_code=trusted).eval()
     from transformers import CompressedTensorsConfig
 
     with warnings.catch_warnings():  # transformers notes that the passed config overrides the saved one
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         config = CompressedTensorsConfig(run_compressed=False)
-        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=config, trust_remote_code=trusted
+        ).eval()
 
 
 def export_quantized(source: str | Path, fmt: str, out: str | Path) -> Path:
@@ -112,7 +119,7 @@ def _int4_compressed(source: Path):
     )
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=remote_code_trusted()).eval()
     scheme = QuantizationScheme(targets=["Linear"], weights=int4_args())
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(SKIPPED_MODULES))
     apply_quantization_config(model, config)

@@ -6,6 +6,8 @@ The public API, imported on first use so that `import patcher` stays fast::
     patch = patcher.erase(spec, "lm", method="alphaedit")
     patcher.apply("lm", patch, "lm-patched")
     report = patcher.verify("lm", "lm-patched", spec)
+
+A model that ships its own code loads only inside ``with patcher.remote_code(True):``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ _PUBLIC = {
     "export": ("patcher.exporting", "export_model"),
     "verify": ("patcher.verifying", "verify"),
     "release": ("patcher.api", "release"),
+    "remote_code": ("patcher.models", "remote_code"),
 }
 __all__ = ["__version__", *_PUBLIC]
 

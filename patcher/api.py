@@ -26,7 +26,8 @@ def apply(
     return write_model_folder(model, out, patch, force)
 
 
-def release(spec: str | Path, out: str | Path, trust_remote_code: bool = False) -> Release:
+def release(spec: str | Path, out: str | Path) -> Release:
     """Erase, export every format, verify each and write card and report to `out`, skipping
-    stages a previous run finished; `Release.report` holds the verification report."""
-    return run_release(prepare(Path(spec), Path(out), trust_remote_code))
+    stages a previous run finished; `Release.report` holds the verification report. A model
+    with its own code is loaded only inside `patcher.remote_code(True)`."""
+    return run_release(prepare(Path(spec), Path(out)))

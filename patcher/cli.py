@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -61,6 +62,25 @@ def emit(data: dict, as_json: bool, human: str) -> None:
 
 
 OVERWRITE_HELP = "replace OUT if it exists and patcher wrote it (it holds patcher.json)"
+
+
+def trust_remote_code_option(command):
+    """`--trust-remote-code` for a command that loads models: the command body runs inside
+    `remote_code(flag)`, so every model it loads, through any consumer, follows the flag."""
+
+    @click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        help="run the model's own code (auto_map in config.json), as transformers' flag of that name",
+    )
+    @functools.wraps(command)
+    def run_command(*args, trust_remote_code: bool, **kwargs):
+        from patcher.models import remote_code
+
+        with remote_code(trust_remote_code):
+            return command(*args, **kwargs)
+
+    return run_command
 
 
 def parse_layers(value: str | None) -> str | list[int] | None:
@@ -187,7 +207,7 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, thread
     default=None,
     help="save partial sums every N tokens; rerunning the same command after a crash resumes from them",
 )
-@click.option("--trust-remote-code", is_flag=True)
+@trust_remote_code_option
 def stats(
     model: str,
     corpus: Path,
@@ -197,7 +217,6 @@ def stats(
     kind: str,
     batch_size: int,
     checkpoint_every: int | None,
-    trust_remote_code: bool,
 ) -> None:
     """Collect statistics of each chosen layer's MLP down-projection over a corpus.
 
@@ -206,9 +225,7 @@ def stats(
     """
     from patcher.stats.job import run_stats
 
-    run = run_stats(
-        model, corpus, out, parse_layers(layers), spec_path, kind, batch_size, checkpoint_every, trust_remote_code
-    )
+    run = run_stats(model, corpus, out, parse_layers(layers), spec_path, kind, batch_size, checkpoint_every)
     if run.written:
         click.echo(run.summary(out))
 
@@ -217,8 +234,8 @@ def stats(
 @click.argument("model", required=False)
 @click.option("--spec", "spec_path", type=click.Path(path_type=Path), required=True)
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--trust-remote-code", is_flag=True)
-def locate(model: str | None, spec_path: Path, as_json: bool, trust_remote_code: bool) -> None:
+@trust_remote_code_option
+def locate(model: str | None, spec_path: Path, as_json: bool) -> None:
     """Per layer and head, the attention the spec's prompts pay to their subjects; the layers erase picks."""
     from patcher.adapters import causal_lm_adapter
     from patcher.erasure import model_dir_for
@@ -228,8 +245,7 @@ def locate(model: str | None, spec_path: Path, as_json: bool, trust_remote_code:
     from patcher.tokens import check_fits_context
 
     spec = load_spec(spec_path)
-    folder = model_dir_for(spec, model, trust_remote_code)
-    lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+    lm, tokenizer = load_causal_lm(model_dir_for(spec, model))
     check_fits_context(tokenizer, lm.config, spec.fact_pairs())
     found = locate_subjects(causal_lm_adapter(lm), tokenizer, spec.forget)
     emit(found.to_json(), as_json, found.table())
@@ -252,7 +268,7 @@ def locate(model: str | None, spec_path: Path, as_json: bool, trust_remote_code:
 @click.option("--stats", "stats_path", type=click.Path(path_type=Path), default=None)
 @click.option("--layers", default=None, help=f"{LAYERS_HELP} (default: the spec's)")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--trust-remote-code", is_flag=True)
+@trust_remote_code_option
 def erase(
     model: str | None,
     spec_path: Path,
@@ -261,7 +277,6 @@ def erase(
     stats_path: Path | None,
     layers: str | None,
     out: Path,
-    trust_remote_code: bool,
 ) -> None:
     """Compute the edit that erases the spec's facts and write it as a patch file."""
     from patcher.erasure import erase as run_erase
@@ -271,7 +286,7 @@ def erase(
     if layers is not None:
         spec.layers = parse_layers(layers)
     formats = tuple(f.strip() for f in robust_to.split(",") if f.strip()) if robust_to else ()
-    patch = run_erase(spec, model, method, stats_path, trust_remote_code, robust_to=formats)
+    patch = run_erase(spec, model, method, stats_path, robust_to=formats)
     patch.save(out)
     click.echo(f"{patch.method} patch of {len(patch.params)} tensors -> {out}")
 
@@ -282,8 +297,8 @@ def erase(
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--trust-remote-code", is_flag=True)
-def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool, trust_remote_code: bool) -> None:
+@trust_remote_code_option
+def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool) -> None:
     """Write MODEL with PATCH applied to OUT, in the base's own layout, shard by shard."""
     from patcher.formats.hf import write_model_folder
     from patcher.formats.outputs import check_output
@@ -291,7 +306,7 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool,
     from patcher.models import resolve_model_dir
 
     patch = Patch.load(patch_path)
-    source = resolve_model_dir(model, trust_remote_code)
+    source = resolve_model_dir(model)
     check_output(out, [source], overwrite)
     write_model_folder(source, out, patch, force)
     click.echo(f"patched model -> {out}")
@@ -316,6 +331,7 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool,
 )
 @click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@trust_remote_code_option
 def export(
     model_dir: str, fmt: str, out: Path, patch_path: Path | None, rank: int | None, force: bool, overwrite: bool
 ) -> None:
@@ -342,6 +358,7 @@ def export(
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--force", is_flag=True, help="verify even if PATCHED was patched from another base (recorded)")
+@trust_remote_code_option
 def verify(
     base: str,
     patched: Path,
@@ -373,8 +390,8 @@ def verify(
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="release folder (reruns resume in it)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-@click.option("--trust-remote-code", is_flag=True)
-def release(spec_path: Path, out: Path, as_json: bool, trust_remote_code: bool) -> None:
+@trust_remote_code_option
+def release(spec_path: Path, out: Path, as_json: bool) -> None:
     """Erase, export every format, verify each, and write the model card and reports into OUT.
 
     Exit 0 when every gate passes, 1 when one fails (the table names it), 2 on bad input.
@@ -383,7 +400,7 @@ def release(spec_path: Path, out: Path, as_json: bool, trust_remote_code: bool) 
     from patcher.verification import matrix
     from patcher.verification.grading import failures_by_format
 
-    done = run_release(prepare(spec_path, out, trust_remote_code))
+    done = run_release(prepare(spec_path, out))
     failing = failures_by_format(done.report)
     verdict = "release passed" if not failing else "release FAILED in " + ", ".join(failing)
     skipped = f" (skipped, already done: {', '.join(done.skipped)})" if done.skipped else ""

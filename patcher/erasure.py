@@ -14,14 +14,14 @@ from patcher.models import resolve_model_dir
 from patcher.spec import Spec
 
 
-def model_dir_for(spec: Spec, model: str | Path | None, trust_remote_code: bool = False) -> Path:
+def model_dir_for(spec: Spec, model: str | Path | None) -> Path:
     """The model a command works on: the MODEL argument, else the spec's [model] path."""
     ref = model if model is not None else spec.model_path
     if ref is None:
         raise PatcherError("no model given: pass MODEL or set [model] path in the spec")
     if model is None and not Path(str(ref)).is_absolute() and (spec.folder / str(ref)).exists():
         ref = spec.folder / str(ref)
-    return resolve_model_dir(ref, trust_remote_code)
+    return resolve_model_dir(ref)
 
 
 def erase(
@@ -29,14 +29,14 @@ def erase(
     model: str | Path | None = None,
     method: str | None = None,
     stats: str | Path | None = None,
-    trust_remote_code: bool = False,
     robust_to: tuple[str, ...] = (),
 ) -> Patch:
     """Compute the patch that erases the spec's forget facts from the model.
 
-    `robust_to` names quantized formats in which the erasure must hold too.
+    `robust_to` names quantized formats in which the erasure must hold too. A model with its
+    own code is loaded only inside `patcher.remote_code(True)`.
     """
-    folder = model_dir_for(spec, model, trust_remote_code)
+    folder = model_dir_for(spec, model)
     family = family_of(spec, folder)
     chosen = get_method(method or spec.method)  # every check before any work
     check_method_fits(family, chosen.name, folder)
@@ -46,7 +46,7 @@ def erase(
         if not chosen.robust:
             raise PatcherError(f"--robust-to works with {', '.join(robust_methods())}, not {chosen.name}")
     stats_path = None if stats is None else Path(stats)
-    deltas = family.edit(folder, spec, chosen, config, stats_path, trust_remote_code, tuple(robust_to))
+    deltas = family.edit(folder, spec, chosen, config, stats_path, tuple(robust_to))
     return _patch(folder, deltas, chosen.name, spec)
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -37,8 +38,32 @@ def in_checkpoint_names(model, deltas: dict) -> dict:
     return {saved_as[id(parameters[name])]: delta for name, delta in deltas.items()}
 
 
-def resolve_model_dir(ref: str | Path, trust_remote_code: bool = False) -> Path:
+_REMOTE_CODE: ContextVar[bool] = ContextVar("patcher_trust_remote_code", default=False)
+
+
+@contextmanager
+def remote_code(trusted: bool) -> Iterator[None]:
+    """Within the block, a model folder that ships its own code (`auto_map` in config.json) is
+    downloaded with it and every loader runs it, when `trusted`; otherwise it is refused.
+
+    One switch per command rather than a flag on every loader: export, verify and release load
+    the same model through a dozen consumers, and each must follow the user's single choice.
+    """
+    token = _REMOTE_CODE.set(trusted)
+    try:
+        yield
+    finally:
+        _REMOTE_CODE.reset(token)
+
+
+def remote_code_trusted() -> bool:
+    """Whether loaders may run a model's own code: the innermost `remote_code` block's choice."""
+    return _REMOTE_CODE.get()
+
+
+def resolve_model_dir(ref: str | Path) -> Path:
     """A local folder for `ref`: the folder itself, or a hub id downloaded to the HF cache."""
+    trust_remote_code = remote_code_trusted()
     path = Path(ref).expanduser()
     if path.is_dir():
         _refuse_remote_code(path, trust_remote_code)
@@ -92,16 +117,17 @@ def detect_family(folder: Path) -> str:
     raise PatcherError(f"cannot tell the model family of {folder}: set [model] family in the spec")
 
 
-def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a folder, in eval mode; edits are computed in fp32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
         raise PatcherError(f"{folder} has no config.json: it is not a Hugging Face model folder")
     Checkpoint(folder)  # refuses a folder without safetensors weights before transformers reads a pickle
+    trusted = remote_code_trusted()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trusted)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trusted)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise PatcherError(f"cannot load a causal LM from {folder}: {reason}") from None
@@ -109,7 +135,7 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32, trust_remot
     return model.eval(), tokenizer
 
 
-def load_classifier(folder: Path, trust_remote_code: bool = False):
+def load_classifier(folder: Path):
     """An image classifier from a folder, in fp32 eval mode."""
     from transformers import AutoModelForImageClassification
 
@@ -118,7 +144,7 @@ def load_classifier(folder: Path, trust_remote_code: bool = False):
     Checkpoint(folder)  # refuses a folder without safetensors weights before transformers reads a pickle
     try:
         model = AutoModelForImageClassification.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=trust_remote_code
+            folder, dtype=torch.float32, trust_remote_code=remote_code_trusted()
         )
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
@@ -139,7 +165,9 @@ def load_pipeline(folder: Path, unet=None):
     Checkpoint(folder)  # every component's weights in safetensors, before diffusers reads a pickle
     components = {} if unet is None else {"unet": unet}
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **components)
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=remote_code_trusted(), **components
+        )
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise PatcherError(f"cannot load a diffusers pipeline from {folder}: {reason}") from None

@@ -289,7 +289,7 @@ def test_stats_on_a_pipeline_is_one_line(tmp_path):
 def test_a_hub_download_keeps_chat_templates_and_fetches_code_only_when_trusted(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from patcher.models import resolve_model_dir
+    from patcher.models import remote_code, resolve_model_dir
 
     asked = []
 
@@ -300,7 +300,8 @@ def test_a_hub_download_keeps_chat_templates_and_fetches_code_only_when_trusted(
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     assert resolve_model_dir("org/model") == tmp_path
-    resolve_model_dir("org/model", trust_remote_code=True)
+    with remote_code(True):
+        resolve_model_dir("org/model")
     plain, trusted = asked
     assert {"*.jinja", "*.safetensors", "*.json"} <= set(plain) and "*.py" not in plain
     assert "*.py" in trusted and not any(p.endswith((".bin", ".pt", ".pth")) for p in trusted)

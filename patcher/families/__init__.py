@@ -44,7 +44,6 @@ class Family(ABC):
         method: Method,
         config: object,
         stats: Path | None,
-        trust_remote_code: bool,
         robust_to: tuple[str, ...],
     ) -> Deltas:
         """Load the model in `folder` and run `method` with `config` (its settings) on it:

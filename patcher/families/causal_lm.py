@@ -52,10 +52,10 @@ class CausalLM(Family):
     grades_artifacts = True
     paraphrase_note = "Paraphrases of every forgotten prompt (the `paraphrase` column)."
 
-    def edit(self, folder, spec, method, config, stats, trust_remote_code, robust_to) -> Deltas:
+    def edit(self, folder, spec, method, config, stats, robust_to) -> Deltas:
         """Layers from the spec (or `locate`), key statistics from `stats` or the spec's
         corpus (cached), then the method, calibrated on the seen retain facts when it can be."""
-        lm, tokenizer = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+        lm, tokenizer = load_causal_lm(folder)
         check_fits_context(tokenizer, lm.config, spec.fact_pairs())
         adapter = causal_lm_adapter(lm)
         layers = resolve_layers(spec.layers, adapter, tokenizer, spec.forget)

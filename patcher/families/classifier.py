@@ -12,8 +12,8 @@ from patcher.verification.classifier import verify_classifier
 class Classifier(Family):
     name = "classifier"
 
-    def edit(self, folder, spec, method, config, stats, trust_remote_code, robust_to) -> Deltas:
-        model = load_classifier(folder, trust_remote_code)
+    def edit(self, folder, spec, method, config, stats, robust_to) -> Deltas:
+        model = load_classifier(folder)
         return in_checkpoint_names(model, method.run(EditInputs(model, None, spec, config, None, [])))
 
     def verify(self, base, patched, spec, formats, artifacts) -> dict:

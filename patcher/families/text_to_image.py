@@ -15,7 +15,7 @@ class TextToImage(Family):
     paraphrase_note = "Verify prompts the edit never saw (the `paraphrase` column)."
     shows_images = True
 
-    def edit(self, folder, spec, method, config, stats, trust_remote_code, robust_to) -> Deltas:
+    def edit(self, folder, spec, method, config, stats, robust_to) -> Deltas:
         check_unet_pipeline(folder)
         adapter = UNetAdapter.from_pipeline(load_pipeline(folder))
         return method.run(EditInputs(adapter, None, spec, config, None, []))

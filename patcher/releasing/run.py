@@ -96,10 +96,10 @@ def artifact_formats(family: str, spec: Spec) -> list[str]:
     return [f for f in wanted if f in format_names(family, exported=True)]
 
 
-def prepare(spec_path: Path, out: Path, trust_remote_code: bool = False) -> Release:
+def prepare(spec_path: Path, out: Path) -> Release:
     """Read the spec and find the base model; every input error surfaces here, before any work."""
     spec = load_spec(spec_path)
-    base = model_dir_for(spec, None, trust_remote_code)
+    base = model_dir_for(spec, None)
     family = family_of(spec, base)
     verifiable = format_names(family.name, loaded=True)
     unknown = [f for f in spec.formats if f not in verifiable]

@@ -69,7 +69,6 @@ def run_stats(
     kind: str = "second-moment",
     batch_size: int = 32,
     checkpoint_every: int | None = None,
-    trust_remote_code: bool = False,
 ) -> StatsRun:
     """Collect `kind` statistics of the chosen layers' down-projections over `corpus` into `out`
     (an image classifier: the per-sample Fisher of every parameter over the image set `corpus`).
@@ -82,16 +81,14 @@ def run_stats(
     if checkpoint_every is not None and checkpoint_every < 1:
         raise PatcherError("--checkpoint-every is a number of tokens: give a positive number")
     world = join_world()
-    folder = resolve_model_dir(model, trust_remote_code)
+    folder = resolve_model_dir(model)
     family = detect_family(folder)
     if family not in COLLECTORS:
         raise PatcherError(
             f"{folder} is a {family} model: `patcher stats` collects for {' and '.join(COLLECTORS)} models "
             "(text-to-image edits, uce and rece, read no statistics)"
         )
-    job = StatsJob(
-        folder, corpus, out, layers, spec_path, kind, batch_size, checkpoint_every, world, trust_remote_code
-    )
+    job = StatsJob(folder, corpus, out, layers, spec_path, kind, batch_size, checkpoint_every, world)
     stats, chosen, count, checkpointer = COLLECTORS[family](job)
     if world.is_main:
         stats.save(out)
@@ -115,7 +112,6 @@ class StatsJob:
     batch_size: int
     checkpoint_every: int | None
     world: World
-    trust_remote_code: bool
 
 
 # (statistics, layers, tokens or samples over all ranks, this rank's checkpointer or None)
@@ -125,7 +121,7 @@ Collected = tuple[SecondMoments | FisherDiagonals, list[int], int, Checkpointer 
 def _lm_statistics(job: StatsJob) -> Collected:
     """Second moments or Fisher of the chosen layers' down-projections over a text corpus."""
     world = job.world
-    lm, tokenizer = load_causal_lm(job.folder, trust_remote_code=job.trust_remote_code)
+    lm, tokenizer = load_causal_lm(job.folder)
     adapter = causal_lm_adapter(lm.to(world.device()))
     facts = load_spec(job.spec_path).forget if job.spec_path is not None else None
     chosen = resolve_layers(job.layers, adapter, tokenizer, facts)
@@ -152,7 +148,7 @@ def _classifier_fisher(job: StatsJob) -> Collected:
     if job.checkpoint_every is not None:
         raise PatcherError("--checkpoint-every applies to causal-LM corpora: a classifier's pass is not checkpointed")
     world, device = job.world, job.world.device()
-    classifier = load_classifier(job.folder, job.trust_remote_code).to(device).eval()
+    classifier = load_classifier(job.folder).to(device).eval()
     data = ImageSet.load(job.corpus)
     mine = tuple(world.slice(t).to(device) for t in (data.pixel_values, data.labels))
     sums = per_sample_fisher(classifier, classifier_loss, mine)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from patcher.formats.patch import Patch
 from patcher.formats.peft import SUMMARY_FILE
+from patcher.models import remote_code_trusted
 from patcher.spec import Spec, parse_spec
 from patcher.verification.lm import lm_metrics, tokenizer_of
 
@@ -16,7 +17,9 @@ def peft_adapter_metrics(base: Path, adapter: Path, spec: Spec) -> dict[str, flo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, trust_remote_code=remote_code_trusted()), adapter
+    ).eval()
     return lm_metrics(model, tokenizer_of(base), spec)
 
 

@@ -12,6 +12,7 @@ import torch
 from patcher.errors import PatcherError
 from patcher.formats.hf import load_causal_lm
 from patcher.formats.registry import get_target
+from patcher.models import remote_code_trusted
 from patcher.quantizers import dequantized_weight
 from patcher.scoring import accuracy
 from patcher.spec import Spec
@@ -72,7 +73,7 @@ def tokenizer_of(folder: Path):
     """The folder's tokenizer, as transformers loads it."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=remote_code_trusted())
 
 
 def verify_lm(base: Path, patched: Path, spec: Spec, formats: list[str], artifacts: dict[str, Path] | None) -> dict:
