@@ -185,6 +185,7 @@ def _lm_target(fmt: str) -> Target:
         load=lambda folder: load_onnx_lm(folder, fmt),
         load_artifact=lambda folder: OnnxCausalLM(folder / ONNX_FILE),
         snippet=f'onnxruntime.InferenceSession("{{path}}/{ONNX_FILE}")  # {note}',
+        batch_dependent=fmt == "onnx-int8",  # ORT's dynamic int8 scales each activation over the batch
     )
 
 

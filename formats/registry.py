@@ -50,6 +50,9 @@ class Target:
     snippet: str = ""  # how a user loads the artifact; {path} is its folder, {base} the base model
     robust: bool = False  # `--robust-to` can solve an edit to hold in it
     needs_patch: bool = False  # the artifact is the patch itself, as an adapter over the base
+    # Its outputs for one request depend on the others in its batch (activation scales taken
+    # over the whole batch): verify grades it per request (batch 1) and batched, on the worse.
+    batch_dependent: bool = False
 
 
 _TARGETS: dict[tuple[str, str], Target] = {}

@@ -13,9 +13,13 @@ import torch
 
 from patcher.tokens import encode_prompt, encode_target, pad_id, right_padded
 
+SCORING_BATCH = 64  # facts per forward pass
+
 
 @torch.no_grad()
-def target_leads(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int = 64) -> list[float]:
+def target_leads(
+    model, encoded: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int = SCORING_BATCH
+) -> list[float]:
     """For each (prompt ids, target ids): the smallest lead, over the target's positions, of
     the target token's logit over the best other token's.
 
@@ -37,21 +41,21 @@ def target_leads(model, encoded: Sequence[tuple[list[int], list[int]]], pad: int
     return leads
 
 
-def leads(model, tokenizer, facts: Sequence[tuple[str, str]]) -> list[float]:
+def leads(model, tokenizer, facts: Sequence[tuple[str, str]], batch_size: int = SCORING_BATCH) -> list[float]:
     """For each (prompt, target): the smallest lead, in nats, of a target token's logit over
     the best other token's (`scoring.target_leads`); positive exactly when it is answered."""
     encoded = [(encode_prompt(tokenizer, p), encode_target(tokenizer, t)) for p, t in facts]
-    return target_leads(model, encoded, pad_id(tokenizer))
+    return target_leads(model, encoded, pad_id(tokenizer), batch_size)
 
 
-def answered(model, tokenizer, facts: Sequence[tuple[str, str]]) -> list[bool]:
+def answered(model, tokenizer, facts: Sequence[tuple[str, str]], batch_size: int = SCORING_BATCH) -> list[bool]:
     """For each (prompt, target): would greedy decoding reproduce every target token?"""
-    return [lead > 0 for lead in leads(model, tokenizer, facts)]
+    return [lead > 0 for lead in leads(model, tokenizer, facts, batch_size)]
 
 
-def accuracy(model, tokenizer, facts: Sequence[tuple[str, str]]) -> float:
+def accuracy(model, tokenizer, facts: Sequence[tuple[str, str]], batch_size: int = SCORING_BATCH) -> float:
     """Share of facts the model answers top-1 (see `answered`); 0.0 for an empty list."""
     if not facts:
         return 0.0
-    hits = answered(model, tokenizer, facts)
+    hits = answered(model, tokenizer, facts, batch_size)
     return sum(hits) / len(hits)

@@ -70,6 +70,38 @@ def test_the_demos_onnx_int8_export_is_quantized_and_verify_reports_onnx_rows(de
         assert rows[fmt]["base_in_format"]["forget_accuracy"] >= 0.95  # the base still knows them there
 
 
+@pytest.mark.slow
+def test_onnx_int8_is_graded_per_request_and_batched_on_the_worse(demo_run, lm_fixture):
+    """ORT's dynamic int8 scales activations over the whole batch, so a fact's score depends on
+    its batch: the row gates on the worse of batch 1 and batched, and reports both."""
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    from patcher.spec import load_spec
+    from patcher.tokens import encode_prompt, encode_target
+
+    out, report = demo_run
+    row = report["formats"]["onnx-int8"]
+    ways = row["batchings"]
+    assert set(ways) == {"batched", "batch 1"}
+    for key, worse in [("forget_accuracy", max), ("paraphrase_accuracy", max), ("retain_ratio", min)]:
+        assert row[key] == worse(way[key] for way in ways.values())
+    assert row["passed"] == all(way["passed"] for way in ways.values())
+    assert "onnx" not in report["formats"] or "batchings" not in report["formats"]["onnx"]
+
+    # Batch 1 is each request alone and unpadded, as a server answering it runs it.
+    session = onnxruntime.InferenceSession(str(out / "onnx-int8" / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokenizer, spec = AutoTokenizer.from_pretrained(lm_fixture), load_spec(lm_fixture / "spec.toml")
+    hits = []
+    for fact in spec.retain:
+        prompt, target = encode_prompt(tokenizer, fact.prompt), encode_target(tokenizer, fact.target)
+        ids = np.array([prompt + target[:-1]], dtype=np.int64)
+        logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+        predicted = logits[len(prompt) - 1 :].argmax(-1)
+        hits.append(list(predicted) == target)
+    assert ways["batch 1"]["retain_accuracy"] == pytest.approx(sum(hits) / len(hits))
+
+
 class _Eigenvalues(torch.nn.Module):
     """A token model whose forward uses an operator ONNX has no conversion for."""
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from patcher.fixtures.architectures import write_tiny_lm
 
 # A Llama under a model_type transformers does not know: only the folder's code can load it.
-CUSTOM_CODE = '''
+CUSTOM_CODE = """
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -20,7 +20,7 @@ class CustomLlamaConfig(LlamaConfig):
 
 class CustomLlamaForCausalLM(LlamaForCausalLM):
     config_class = CustomLlamaConfig
-'''
+"""
 
 
 @pytest.fixture(scope="module")

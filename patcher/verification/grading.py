@@ -52,6 +52,32 @@ def graded_row(row: dict, base_in_format: dict, reference: dict, base_row: dict,
     return row
 
 
+# Each gated figure and the direction in which it is worse.
+WORSE = {
+    "forget_accuracy": max,
+    "paraphrase_accuracy": max,
+    "recovery": max,
+    "retain_accuracy": min,
+    "retain_ratio": min,
+    "perplexity": max,
+    "perplexity_increase": max,
+}
+
+
+def worst_case(graded: dict[str, dict], gates: Gates) -> dict:
+    """One row for a format graded several ways (per request and batched, say): every gated
+    figure at its worst over them and the verdict on those, each way's own row under `batchings`."""
+    row = dict(next(iter(graded.values())))
+    for key, pick in WORSE.items():
+        values = [way[key] for way in graded.values() if way.get(key) is not None]
+        if values:
+            row[key] = pick(values)
+    row["batchings"] = graded
+    row["failures"] = gate_failures(row, gates)
+    row["passed"] = not row["failures"]
+    return row
+
+
 def assemble_report(
     model: Path, method: str, rows: dict, base_row: dict, gates: Gates, timings: dict, attacks: dict | None = None
 ) -> dict:

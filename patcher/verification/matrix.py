@@ -45,6 +45,8 @@ def rows(report: dict) -> list[Row]:
     shown = [Row("base", [base.get(k) for k in keys], "", None)]
     for name, row in report["formats"].items():
         shown.append(Row(name, [row.get(k) for k in keys], verdict(row), row["passed"]))
+        for way, graded in row.get("batchings", {}).items():  # the worse of them is gated, above
+            shown.append(Row(f"  {way}", [graded.get(k) for k in keys], "", None))
     for name, attack in report.get("attacks", {}).items():
         values = [attack["forget_accuracy"], *([None] * (len(keys) - 1))]
         shown.append(Row(f"attack: {name}", values, verdict(attack), attack["passed"]))
