@@ -151,7 +151,7 @@ def export_pipeline_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[
             graph = folder / ONNX_FILE
             inputs = plan.make_inputs(0, torch.Generator().manual_seed(0))
             dynamic = {name: dict.fromkeys(range(value.dim()), DYNAMIC) for name, value in inputs.items()}
-            export_graph(plan.module.eval(), inputs, dynamic, plan.output, graph)
+            export_graph(plan.module.eval(), inputs, dynamic, [plan.output], graph)
             difference = max_graph_difference(plan, graph)
             if difference > TOLERANCES[plan.component]:
                 raise PatcherError(

@@ -48,7 +48,7 @@ def test_lm_release_exports_verifies_and_documents_every_format(lm_fixture, lm_r
     assert report["base_fingerprint"] in card and "recovery" in card
     for fmt, row in report["formats"].items():  # recovery named per format in the matrix
         assert f"| {fmt} | {row['forget_accuracy']:.3f} |" in card and f"{row['recovery']:.3f}" in card
-    assert "PeftModel.from_pretrained" in card and "onnxruntime.InferenceSession" in card
+    assert "PeftModel.from_pretrained" in card and "ORTModelForCausalLM.from_pretrained" in card
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
 
