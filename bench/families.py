@@ -9,7 +9,9 @@ answered. Each step runs as a user's command would and is recorded as `pass`, `r
 with patcher's one-line reason, `incomplete:` (the method ran but left facts answered),
 or `error:` with the first line of anything else: locate, stats, erase with each method,
 apply (read back by `from_pretrained`), and every export loaded by its own consumer
-(transformers + bitsandbytes, compressed-tensors, onnxruntime, peft). Prints the matrix,
+(transformers + bitsandbytes, compressed-tensors, onnxruntime, peft), and the onnx export
+generating in optimum's ORTModelForCausalLM the tokens PyTorch generates from the patched
+model (where PATCHER_OPTIMUM_PYTHON names optimum's environment). Prints the matrix,
 writes it as CSV and, with --doc, as the Markdown table between the doc's markers.
 """
 
@@ -36,10 +38,12 @@ from patcher.locate import locate
 from patcher.models import load_causal_lm
 from patcher.spec import load_spec
 from patcher.stats.job import run_stats
+from patcher.verification.optimum import OPTIMUM_PYTHON, optimum_generate, optimum_python, pytorch_generate
 
 METHODS = ("memit", "alphaedit", "fila", "ga")
 EXPORTS = ("int8", "nf4", "fp4", "int4", "onnx", "onnx-int8")
-STEPS = ("locate", "stats", *METHODS, "apply", *EXPORTS, "peft")
+STEPS = ("locate", "stats", *METHODS, "apply", *EXPORTS, "optimum", "peft")
+OPTIMUM_TOKENS = 4
 MARKERS = ("<!-- families-matrix:start -->", "<!-- families-matrix:end -->")
 
 
@@ -99,6 +103,21 @@ def run_family(family: str, work: Path) -> dict[str, str]:
             get_target(fmt, "causal-lm", "verify").load_artifact(out)
 
         cells[fmt] = outcome(export_and_load)[0]
+
+    def optimum_generation():
+        prompts = [fact.prompt for fact in [*spec.forget[:2], *spec.retain[:2]]]
+        generated = optimum_generate(work / f"{family}-onnx", prompts, OPTIMUM_TOKENS)
+        if not generated.pop("cache"):
+            raise AssertionError("optimum found no past-key-values inputs in the graph")
+        if generated != pytorch_generate(work / f"{family}-patched", prompts, OPTIMUM_TOKENS):
+            raise AssertionError("optimum generates other tokens than PyTorch")
+
+    if optimum_python() is None:
+        cells["optimum"] = f"skipped: {OPTIMUM_PYTHON} names no Python with optimum-onnx"
+    elif cells["onnx"] != "pass" or cells["apply"] != "pass":
+        cells["optimum"] = "refused: no onnx export and patched folder to compare"
+    else:
+        cells["optimum"] = outcome(optimum_generation)[0]
 
     def peft_adapter():
         from peft import PeftModel
