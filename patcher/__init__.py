@@ -13,8 +13,17 @@ A model that ships its own code loads only inside ``with patcher.remote_code(Tru
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+# A source checkout keeps kernels/ and formats/ beside patcher/, and the wheel installs them as
+# patcher.kernels and patcher.formats (setup.py). `python -m patcher` run from the checkout's
+# root imports this folder, not the installed package, so the checkout's root joins the places
+# its subpackages are looked up in.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "setup.py").is_file() and not (Path(__path__[0]) / "formats").is_dir():
+    __path__.append(str(_CHECKOUT))
 
 # public name -> (module, attribute)
 _PUBLIC = {

@@ -35,3 +35,16 @@ def test_the_wheel_holds_every_module_of_the_source_tree(tmp_path):
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     assert source_modules() - shipped == set()
     assert "patcher/releasing/run.py" in shipped and "patcher/kernels/__init__.py" in shipped
+
+
+def test_python_m_patcher_runs_from_the_root_of_a_checkout(tmp_path):
+    # From a checkout's root `import patcher` finds the source folder, whatever is installed;
+    # its patcher.formats and patcher.kernels must then come from the same checkout.
+    for name in ("setup.py", *INSTALLED_AS):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, tmp_path / name)
+    probe = "import patcher.formats.patch as f, patcher.kernels as k; print(f.__file__); print(k.__file__)"
+    imported = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert [Path(line).parent.parent for line in imported.stdout.split()] == [tmp_path, tmp_path]
+    cli = subprocess.run([sys.executable, "-m", "patcher", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert cli.returncode == 0 and "erase" in cli.stdout
