@@ -174,7 +174,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def interpreter_check(script: Path) -> None:
     """Run `script`'s `--check` mode with Triton interpreted, so a CPU run still checks the kernel."""
     env = dict(os.environ, TRITON_INTERPRET="1", PATCHER_KERNELS="triton")
-    subprocess.run(["python", str(script), "--check"], env=env, check=True)
+    subprocess.run([sys.executable, str(script), "--check"], env=env, check=True)
 
 
 def commit() -> str:

@@ -142,7 +142,7 @@ def load_causal_lm(folder: Path):
     from transformers import AutoModelForCausalLM
 
     Checkpoint(folder)  # refuses a folder without safetensors weights before transformers reads a pickle
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote_code_trusted()).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=remote_code_trusted()).eval()
     refuse_non_finite(model.named_parameters(), folder)
     return model
 

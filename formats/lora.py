@@ -58,15 +58,22 @@ def export_diffusers_lora(
         raise PatcherError(
             f"the patch edits {foreign[0]}, outside the UNet: a diffusers LoRA carries UNet layers only"
         )
-    layers, ranks = {}, {}
-    for param in patch.params:
-        module = param.removeprefix("unet/").removesuffix(".weight")
-        a, b = low_rank_factors(patch.delta(param), rank, energy)
-        layers[f"{module}.lora_A.weight"], layers[f"{module}.lora_B.weight"] = a.contiguous(), b.contiguous()
-        ranks[module] = a.shape[0]
+    factors = {
+        param.removeprefix("unet/").removesuffix(".weight"): low_rank_factors(patch.delta(param), rank, energy)
+        for param in patch.params
+    }
+    # Every layer is written at one rank, the lower ones padded with zero factors (B @ A is
+    # unchanged): diffusers 0.35 to 0.39 read one alpha for all layers and scale each by that
+    # alpha over its own rank, which shrinks the deltas of layers whose rank differs.
+    width = max(a.shape[0] for a, _ in factors.values())
+    layers = {}
+    for module, (a, b) in factors.items():
+        padding = width - a.shape[0]
+        layers[f"{module}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, padding)).contiguous()
+        layers[f"{module}.lora_B.weight"] = torch.nn.functional.pad(b, (0, padding)).contiguous()
     with atomic_path(out, is_dir=True) as tmp:
         pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=LORA_FILE)
-    return ranks
+    return {module: a.shape[0] for module, (a, _) in factors.items()}
 
 
 def _export(source: Path, out: Path, patch: Patch | None, options: ExportOptions) -> None:

@@ -126,7 +126,7 @@ def export_onnx(source: str | Path, fmt: str, out: str | Path) -> dict[str, floa
     if fmt not in ONNX_FORMATS:
         raise PatcherError(f"unknown ONNX format {fmt!r}: use one of {', '.join(ONNX_FORMATS)}")
     source = Path(source)
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=remote_code_trusted()).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", trust_remote_code=remote_code_trusted()).eval()
     with atomic_path(out, is_dir=True) as tmp:
         graph = tmp / ONNX_FILE
         decoder = _DecoderWithPast(model).eval()

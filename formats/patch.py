@@ -246,7 +246,7 @@ def _parse_metadata(path: Path, metadata: dict[str, str]) -> dict:
             raise PatchError(f"{path}: metadata {key!r} must be a JSON object")
     for param, dtype in parsed["base_dtypes"].items():
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-            raise PatchError(f"{path}: base_dtypes names {dtype!r} for {param}, which is not a torch dtype")
+            raise PatchError(f"{path}: base_dtypes names {dtype!r} for {param!r}, which is not a torch dtype")
     return parsed
 
 

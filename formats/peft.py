@@ -36,7 +36,9 @@ def export_peft(
     from transformers import AutoModelForCausalLM
 
     check_patch_fits(Checkpoint(model_dir), patch)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote_code_trusted()).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", trust_remote_code=remote_code_trusted()
+    ).eval()
     modules = dict(model.named_modules())
     factors, summary = {}, {}
     for param in patch.params:

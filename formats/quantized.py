@@ -5,6 +5,9 @@ so `AutoModelForCausalLM.from_pretrained(folder)` loads them (on CPU too). int4 
 weight-only round-to-nearest in groups of 128 (W4A16), stored by compressed-tensors in its
 "pack-quantized" format: what vLLM serves, and what transformers loads and decompresses
 on CPU.
+
+Models load with `dtype="auto"`, in the checkpoint's own dtype: transformers 5's default,
+which transformers 4 replaces by fp16 for a bitsandbytes load and by fp32 otherwise.
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ def load_quantized(folder: str | Path, fmt: str):
         with tempfile.TemporaryDirectory(prefix="patcher-int4-") as tmp:
             return load_exported(export_quantized(folder, fmt, Path(tmp) / "int4"), fmt)
     return AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quantization_config(fmt), device_map="cpu", trust_remote_code=remote_code_trusted()
+        folder,
+        quantization_config=quantization_config(fmt),
+        device_map="cpu",
+        dtype="auto",
+        trust_remote_code=remote_code_trusted(),
     ).eval()
 
 
@@ -82,14 +89,16 @@ def load_exported(folder: str | Path, fmt: str):
     check_format(fmt)
     trusted = remote_code_trusted()
     if fmt != "int4":
-        return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", trust_remote_code=trusted).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            folder, device_map="cpu", dtype="auto", trust_remote_code=trusted
+        ).eval()
     from transformers import CompressedTensorsConfig
 
     with warnings.catch_warnings():  # transformers notes that the passed config overrides the saved one
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         config = CompressedTensorsConfig(run_compressed=False)
         return AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=config, trust_remote_code=trusted
+            folder, quantization_config=config, dtype="auto", trust_remote_code=trusted
         ).eval()
 
 
@@ -119,7 +128,7 @@ def _int4_compressed(source: Path):
     )
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=remote_code_trusted()).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", trust_remote_code=remote_code_trusted()).eval()
     scheme = QuantizationScheme(targets=["Linear"], weights=int4_args())
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(SKIPPED_MODULES))
     apply_quantization_config(model, config)

@@ -69,7 +69,8 @@ def nan_delta(patch: Patch, path: Path) -> None:
 
 
 def dtype_not_a_dtype(patch: Patch, path: Path) -> None:
-    save_file(patch.tensors, path, metadata={**handmade(patch), "base_dtypes": json.dumps({PARAM: "Tensor"})})
+    named = {f"{PARAM}\nsecond line": "Tensor"}  # the message names it on one line all the same
+    save_file(patch.tensors, path, metadata={**handmade(patch), "base_dtypes": json.dumps(named)})
 
 
 def deeply_nested_metadata(patch: Patch, path: Path) -> None:

@@ -53,7 +53,7 @@ def test_int4_fake_quantization_is_the_artifact_bit_for_bit(tmp_path, dtype):
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(256, 512)).to(dtype).save_pretrained(tmp_path / "base")
     exported = load_exported(export_quantized(tmp_path / "base", "int4", tmp_path / "int4"), "int4")
-    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype="auto")
     for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"):
         weight, shipped = base.get_submodule(name).weight.detach(), exported.get_submodule(name).weight.detach()
         assert weight.dtype == shipped.dtype == dtype

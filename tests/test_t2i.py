@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from helpers import export_patched, pipeline_runs, reduced_spec, run_cli
+from safetensors.torch import load_file
 
 from patcher.adapters.unet import UNetAdapter
 from patcher.fixtures.diffusion import SHAPES, colour_templates, shape_accuracy
@@ -83,7 +84,9 @@ def test_verify_fails_a_patch_that_erases_nothing(diffusion_fixture, tmp_path):
 def test_lora_export_loaded_and_fused_by_diffusers_matches_the_dense_patch(diffusion_fixture, erased, tmp_path):
     patch_path, lora = erased("rece")[0], tmp_path / "lora"
     export_patched(diffusion_fixture, patch_path, "diffusers-lora", lora)
-    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    factors = load_file(lora / "pytorch_lora_weights.safetensors")
+    # One rank for every layer (zero-padded): older diffusers scale a layer by a shared alpha over its rank.
+    assert len({tensor.shape[0] for name, tensor in factors.items() if "lora_A" in name}) == 1
     patch = Patch.load(patch_path)
     pipe = DiffusionPipeline.from_pretrained(diffusion_fixture)
     pipe.load_lora_weights(lora)

@@ -18,7 +18,7 @@ def peft_adapter_metrics(base: Path, adapter: Path, spec: Spec) -> dict[str, flo
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base, trust_remote_code=remote_code_trusted()), adapter
+        AutoModelForCausalLM.from_pretrained(base, dtype="auto", trust_remote_code=remote_code_trusted()), adapter
     ).eval()
     return lm_metrics(model, tokenizer_of(base), spec)
 
