@@ -111,31 +111,35 @@ def test_fisher_is_per_sample_exact_and_skips_padding(family):
     assert not any(p.requires_grad is False for p in model.parameters())  # flags restored
 
 
-def test_batch_mean_fisher_is_what_ssd_computes_and_differs_from_per_sample():
+def test_batch_mean_fisher_is_what_ssd_computes_for_unequal_batches_and_differs_from_per_sample():
     torch.manual_seed(1)
     adapter = causal_lm_adapter(LlamaForCausalLM(tiny_llama_config(32, 48, layers=2, vocab=40)).eval())
-    batches = padded_batches(40)
+    batches = padded_batches(40)  # 3 samples, then 2
     name, weight = adapter.down_proj_name(1), adapter.down_proj(1).weight
-    expected = torch.zeros(weight.shape, dtype=torch.float64)
-    for ids, mask in batches:  # independent: autograd of each batch's mean loss, squared, times B
+    importance = torch.zeros(weight.shape, dtype=torch.float64)
+    for ids, mask in batches:  # SSD's loop: each batch's mean loss, its gradient squared, summed
         losses = []
         for row, row_mask in zip(ids, mask, strict=True):
             sample = row[row_mask.bool()][None]
             logits = adapter.model(input_ids=sample).logits[0, :-1]
             losses.append(torch.nn.functional.cross_entropy(logits, sample[0, 1:]))
         (grad,) = torch.autograd.grad(torch.stack(losses).mean(), weight)
-        expected += len(losses) * grad.double().square()
+        importance += grad.double().square()
+    importance /= len(batches)  # ... and divided by the number of batches
     batch_mean = collect_fisher(adapter, batches, [1], batch_mean=True)
-    assert batch_mean.kind == "fisher-batch-mean"
-    torch.testing.assert_close(batch_mean.sums[name].double(), expected, rtol=1e-3, atol=1e-9)
-    per_sample = collect_fisher(adapter, batches, [1]).sums[name]
-    assert (per_sample - batch_mean.sums[name]).norm() > 0.1 * per_sample.norm()  # squares of sums ≠ sums of squares
+    assert batch_mean.kind == "fisher-batch-mean" and batch_mean.sample_count == len(batches)
+    mean = batch_mean.sums[name].double() / batch_mean.sample_count
+    torch.testing.assert_close(mean, importance, rtol=1e-3, atol=1e-9)
+    per_sample = collect_fisher(adapter, batches, [1])
+    per_sample_mean = per_sample.sums[name].double() / per_sample.sample_count
+    assert (per_sample_mean - mean).norm() > 0.1 * per_sample_mean.norm()  # squares of sums ≠ sums of squares
 
     ids, mask = batches[0]
     twins = [(ids[:1].repeat(3, 1), mask[:1].repeat(3, 1))]  # one sample thrice: every gradient agrees
+    twin_batch_mean, twin_per_sample = (collect_fisher(adapter, twins, [1], batch_mean=flag) for flag in (True, False))
     torch.testing.assert_close(
-        collect_fisher(adapter, twins, [1], batch_mean=True).sums[name],
-        collect_fisher(adapter, twins, [1]).sums[name],
+        twin_batch_mean.sums[name] / twin_batch_mean.sample_count,
+        twin_per_sample.sums[name] / twin_per_sample.sample_count,
         rtol=1e-4,
         atol=1e-10,
     )

@@ -118,7 +118,7 @@ class FisherDiagonals:
     in the weight's own layout."""
 
     sums: dict[str, torch.Tensor]
-    sample_count: int
+    sample_count: int  # what sums / sample_count averages over: samples, or batches for fisher-batch-mean
     kind: str = "fisher"  # or "fisher-batch-mean": squared batch-mean gradients (SSD's code)
 
     def save(self, path: str | Path) -> Path:
@@ -141,9 +141,10 @@ def collect_fisher(
     module's saved input and `kernels.fisher_diag` squares each sample's gradient without
     materialising it. Only these weights require grad while collecting.
 
-    `batch_mean` computes what SSD's public code does instead, Σ_k B_k (∂ℓ̄_k/∂W)² with ℓ̄_k
-    batch k's mean loss: equal to the per-sample sum only when a batch's gradients agree.
-    A `checkpointer` resumes from and saves partial sums.
+    `batch_mean` computes what SSD's public code does instead, Σ_k (∂ℓ̄_k/∂W)² with ℓ̄_k
+    batch k's mean loss, counted in batches: sums / sample_count is SSD's importance
+    (1/K) Σ_k (∂ℓ̄_k/∂W)² whatever the batch sizes, and the per-sample mean only when every
+    gradient of a batch agrees. A `checkpointer` resumes from and saves partial sums.
     """
     model = adapter.model
     modules = {adapter.down_proj_name(layer): adapter.down_proj(layer) for layer in layers}
@@ -182,13 +183,13 @@ def collect_fisher(
                 in_batch = int((counted.sum(1) > 0).sum())
                 if batch_mean:
                     for name, summed in batch_sums.items():
-                        sums[name] += summed.square() / max(in_batch, 1)  # B_k · (Σ g / B_k)²
+                        sums[name] += (summed / max(in_batch, 1)).square()  # (Σ g / B_k)²
                         summed.zero_()
     finally:
         for handle in handles:
             handle.remove()
-    kind = "fisher-batch-mean" if batch_mean else "fisher"
-    return FisherDiagonals({name: adapter.to_param_layout(s) for name, s in sums.items()}, run.done.samples, kind)
+    kind, count = ("fisher-batch-mean", run.done.batches) if batch_mean else ("fisher", run.done.samples)
+    return FisherDiagonals({name: adapter.to_param_layout(s) for name, s in sums.items()}, count, kind)
 
 
 def corpus_batches(tokenizer, lines: list[str], batch_size: int = 32, max_length: int = 256) -> Iterator[Batch]:

@@ -46,7 +46,7 @@ class StatsRun:
     written: bool
 
     def summary(self, out: Path) -> str:
-        unit = "tokens" if self.kind == "second-moment" else "samples"
+        unit = {"second-moment": "tokens", "fisher-batch-mean": "batches"}.get(self.kind, "samples")
         what = "second moments" if self.kind == "second-moment" else f"{self.kind} diagonals"
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
         where = f"layers {self.layers}" if self.layers else "every parameter"
