@@ -9,7 +9,8 @@ import torch
 from patcher.errors import PatcherError
 from patcher.methods.alphaedit import alphaedit_update, nullspace_basis
 from patcher.methods.linalg import condition_number, guarded_solve
-from patcher.methods.memit import memit_update
+from patcher.methods.memit import memit_update, warn_on_thin_statistics
+from patcher.stats import SecondMoments
 
 
 def random_problem(seed, d_model=7, d_k=13, n=4, corpus=50):
@@ -100,3 +101,12 @@ def test_a_singular_memit_system_is_regularised_with_a_warning():
         delta = memit_update(torch.from_numpy(keys), torch.from_numpy(residuals), torch.from_numpy(cov), 1.0)
     assert torch.isfinite(delta).all()
     np.testing.assert_allclose(delta.numpy() @ keys, residuals, atol=1e-6)  # the facts are still fitted
+
+
+def test_statistics_over_fewer_tokens_than_key_dimensions_are_warned_about_with_the_numbers():
+    sums = {"model.layers.0.mlp.down_proj": torch.eye(13)}
+    with pytest.warns(UserWarning, match="cover 5 tokens, fewer than the 13 key dimensions"):
+        warn_on_thin_statistics(SecondMoments(sums, 5), sums)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_on_thin_statistics(SecondMoments(sums, 13), sums)

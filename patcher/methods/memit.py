@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,7 @@ from patcher.methods.lm_edit import edit_layers
 from patcher.methods.protect import protected_moments
 from patcher.methods.robust import Robustness, box_solver
 from patcher.methods.rounds import erase_in_rounds
+from patcher.stats import SecondMoments
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,23 @@ def memit_update(
     return guarded_solve(system, rhs.T, "MEMIT's system").T  # the system is symmetric
 
 
+def warn_on_thin_statistics(stats: SecondMoments, modules: Iterable[str]) -> None:
+    """Warn when the corpus gave fewer tokens than a module has key dimensions.
+
+    C then has rank at most the token count: λC holds no output on the directions no corpus
+    token reached, and the update is free to grow along them.
+    """
+    width = max((stats.sums[m].shape[0] for m in modules if m in stats.sums), default=0)
+    if stats.token_count < width:
+        warnings.warn(
+            f"the statistics cover {stats.token_count} tokens, fewer than the {width} key dimensions "
+            "they describe: the corpus covariance is rank-deficient and MEMIT's update can grow "
+            f"along the directions it misses; collect statistics over at least {width} tokens, "
+            "or set [erase] ridge",
+            stacklevel=2,
+        )
+
+
 @register("memit", MEMITConfig, ("causal-lm",), needs_stats=True, robust=True, calibrated=True)
 def memit(inputs: EditInputs) -> Deltas:
     """Erase the spec's forget facts with MEMIT (λ = mom2_weight, μ = ridge, w = retain_weight
@@ -76,6 +96,7 @@ def memit(inputs: EditInputs) -> Deltas:
     """
     config: MEMITConfig = inputs.config
     adapter, tokenizer, layers = inputs.adapter, inputs.tokenizer, inputs.layers
+    warn_on_thin_statistics(inputs.stats, [adapter.down_proj_name(layer) for layer in layers])
     protected = protected_moments(inputs, config.retain_weight)
 
     weight = config.mom2_weight  # this round's λ
