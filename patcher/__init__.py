@@ -7,7 +7,8 @@ The public API, imported on first use so that `import patcher` stays fast::
     patcher.apply("lm", patch, "lm-patched")
     report = patcher.verify("lm", "lm-patched", spec)
 
-A model that ships its own code loads only inside ``with patcher.remote_code(True):``.
+A model that ships its own code loads only inside ``with patcher.remote_code(True):``; hub ids
+are fetched at another revision, cache or token inside ``with patcher.hub_access(HubAccess(...)):``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ _PUBLIC = {
     "verify": ("patcher.verifying", "verify"),
     "release": ("patcher.api", "release"),
     "remote_code": ("patcher.models", "remote_code"),
+    "hub_access": ("patcher.models", "hub_access"),
+    "HubAccess": ("patcher.models", "HubAccess"),
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -61,23 +61,35 @@ def emit(data: dict, as_json: bool, human: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else human)
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+
+
 OVERWRITE_HELP = "replace OUT if it exists and patcher wrote it (it holds patcher.json)"
 
 
-def trust_remote_code_option(command):
-    """`--trust-remote-code` for a command that loads models: the command body runs inside
-    `remote_code(flag)`, so every model it loads, through any consumer, follows the flag."""
+def model_source_options(command):
+    """`--trust-remote-code` and the hub options for a command that loads models: the command
+    body runs inside `remote_code(...)` and `hub_access(...)`, so every model it loads, through
+    any consumer, follows them."""
 
     @click.option(
         "--trust-remote-code",
         is_flag=True,
         help="run the model's own code (auto_map in config.json), as transformers' flag of that name",
     )
+    @click.option("--revision", default=None, help="hub ids: the branch, tag or commit to fetch  [default: main]")
+    @click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="hub ids: where downloads are cached  [default: huggingface_hub's, under HF_HOME]",
+    )
+    @click.option("--token", envvar="HF_TOKEN", show_envvar=True, help="hub ids: a token for gated or private models")
     @functools.wraps(command)
-    def run_command(*args, trust_remote_code: bool, **kwargs):
-        from patcher.models import remote_code
+    def run_command(*args, trust_remote_code: bool, revision: str | None, cache_dir: Path | None, token, **kwargs):
+        from patcher.models import HubAccess, hub_access, remote_code
 
-        with remote_code(trust_remote_code):
+        with remote_code(trust_remote_code), hub_access(HubAccess(revision, cache_dir, token)):
             return command(*args, **kwargs)
 
     return run_command
@@ -95,25 +107,47 @@ def parse_layers(value: str | None) -> str | list[int] | None:
     return layers
 
 
-@click.group(cls=PatcherGroup)
+ENVIRONMENT = """\b
+Environment:
+  PATCHER_CACHE     fixtures and statistics (default ~/.cache/patcher)
+  PATCHER_KERNELS   auto, triton or torch: the statistics kernels (default auto)
+  HF_TOKEN          the hub token, as --token
+  HF_HOME           huggingface_hub's cache, where hub ids download
+Shell completion (bash; zsh and fish likewise):
+  eval "$(_PATCHER_COMPLETE=bash_source patcher)"
+"""
+
+
+@click.group(cls=PatcherGroup, epilog=ENVIRONMENT)
 @click.version_option(__version__, prog_name="patcher")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="also show the libraries' logs, notices and download bars")
+@click.option("-q", "--quiet", is_flag=True, help="results and errors only: no warnings, no progress bars")
+def main(verbose: bool, quiet: bool) -> None:
     """Compute, export and verify weight patches that erase knowledge from models."""
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other: pass one of them")
+    warnings.showwarning = _one_line_warning
+    if verbose:
+        if os.environ.get("TRANSFORMERS_VERBOSITY") != "debug":
+            os.environ["TRANSFORMERS_VERBOSITY"] = "info"
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        return
     # patcher shows its own progress; the libraries' per-file bars would only add noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-call dtype notices
-    if not sys.stdout.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (compressed-tensors)
-    warnings.showwarning = _one_line_warning
+    if quiet or not sys.stdout.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # every tqdm bar, patcher's and the libraries'
     # Libraries' deprecation notices about their own internals are not the user's to act on.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if quiet:
+        warnings.filterwarnings("ignore")
 
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("patcher-demo"), show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@json_option
 @click.option(
     "--model",
     type=click.Choice(["lm", "smollm2"]),
@@ -149,7 +183,8 @@ def demo(out: Path, as_json: bool, model: str, seed: int, threads: int | None) -
 @click.option(
     "--threads", type=int, default=None, help="lm: CPU threads to train on (default 2, whatever the machine has)"
 )
-def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, threads: int | None) -> None:
+@json_option
+def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, threads: int | None, as_json: bool) -> None:
     """Build a small trained model with spec.toml and corpus.txt into OUT (cached).
 
     lm: a Llama (or GPT-2) that knows a fictitious world; diffusion: a Stable Diffusion
@@ -171,8 +206,9 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, thread
         "sdxl": "stable diffusion xl",
         "smollm2": "SmolLM2-135M-Instruct",
     }
-    data = f"images {out / 'data'}" if kind == "classifier" else f"corpus {out / 'corpus.txt'}"
-    click.echo(f"fixture {kind} ({what.get(kind, 'resnet')}) in {out}: spec {out / 'spec.toml'}, {data}")
+    data = ("images", out / "data") if kind == "classifier" else ("corpus", out / "corpus.txt")
+    human = f"fixture {kind} ({what.get(kind, 'resnet')}) in {out}: spec {out / 'spec.toml'}, {data[0]} {data[1]}"
+    emit({"kind": kind, "path": str(out), "spec": str(out / "spec.toml"), data[0]: str(data[1])}, as_json, human)
 
 
 @main.command()
@@ -207,7 +243,8 @@ def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, thread
     default=None,
     help="save partial sums every N tokens; rerunning the same command after a crash resumes from them",
 )
-@trust_remote_code_option
+@json_option
+@model_source_options
 def stats(
     model: str,
     corpus: Path,
@@ -217,6 +254,7 @@ def stats(
     kind: str,
     batch_size: int,
     checkpoint_every: int | None,
+    as_json: bool,
 ) -> None:
     """Collect statistics of each chosen layer's MLP down-projection over a corpus.
 
@@ -226,15 +264,16 @@ def stats(
     from patcher.stats.job import run_stats
 
     run = run_stats(model, corpus, out, parse_layers(layers), spec_path, kind, batch_size, checkpoint_every)
-    if run.written:
-        click.echo(run.summary(out))
+    if run.written:  # by rank 0 alone under torchrun
+        summary = {"path": str(out), "kind": run.kind, "layers": run.layers, "count": run.count, "unit": run.unit}
+        emit(summary, as_json, run.summary(out))
 
 
 @main.command()
 @click.argument("model", required=False)
 @click.option("--spec", "spec_path", type=click.Path(path_type=Path), required=True)
-@click.option("--json", "as_json", is_flag=True)
-@trust_remote_code_option
+@json_option
+@model_source_options
 def locate(model: str | None, spec_path: Path, as_json: bool) -> None:
     """Per layer and head, the attention the spec's prompts pay to their subjects; the layers erase picks."""
     from patcher.adapters import causal_lm_adapter
@@ -268,7 +307,8 @@ def locate(model: str | None, spec_path: Path, as_json: bool) -> None:
 @click.option("--stats", "stats_path", type=click.Path(path_type=Path), default=None)
 @click.option("--layers", default=None, help=f"{LAYERS_HELP} (default: the spec's)")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@trust_remote_code_option
+@json_option
+@model_source_options
 def erase(
     model: str | None,
     spec_path: Path,
@@ -277,6 +317,7 @@ def erase(
     stats_path: Path | None,
     layers: str | None,
     out: Path,
+    as_json: bool,
 ) -> None:
     """Compute the edit that erases the spec's facts and write it as a patch file."""
     from patcher.erasure import erase as run_erase
@@ -288,7 +329,8 @@ def erase(
     formats = tuple(f.strip() for f in robust_to.split(",") if f.strip()) if robust_to else ()
     patch = run_erase(spec, model, method, stats_path, robust_to=formats)
     patch.save(out)
-    click.echo(f"{patch.method} patch of {len(patch.params)} tensors -> {out}")
+    summary = {"path": str(out), "method": patch.method, "tensors": patch.params}
+    emit(summary, as_json, f"{patch.method} patch of {len(patch.params)} tensors -> {out}")
 
 
 @main.command()
@@ -297,8 +339,9 @@ def erase(
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@trust_remote_code_option
-def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool) -> None:
+@json_option
+@model_source_options
+def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool, as_json: bool) -> None:
     """Write MODEL with PATCH applied to OUT, in the base's own layout, shard by shard."""
     from patcher.formats.hf import write_model_folder
     from patcher.formats.outputs import check_output
@@ -309,7 +352,7 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool)
     source = resolve_model_dir(model)
     check_output(out, [source], overwrite)
     write_model_folder(source, out, patch, force)
-    click.echo(f"patched model -> {out}")
+    emit({"path": str(out), "base": str(source), "patch": str(patch_path)}, as_json, f"patched model -> {out}")
 
 
 @main.command()
@@ -331,9 +374,17 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool)
 )
 @click.option("--force", is_flag=True, help="apply even if the base fingerprints differ")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@trust_remote_code_option
+@json_option
+@model_source_options
 def export(
-    model_dir: str, fmt: str, out: Path, patch_path: Path | None, rank: int | None, force: bool, overwrite: bool
+    model_dir: str,
+    fmt: str,
+    out: Path,
+    patch_path: Path | None,
+    rank: int | None,
+    force: bool,
+    overwrite: bool,
+    as_json: bool,
 ) -> None:
     """Export a model folder (with an optional patch applied) to a shippable format."""
     from patcher.exporting import export_model
@@ -343,11 +394,14 @@ def export(
     patch = Patch.load(patch_path) if patch_path else None
     source = resolve_model_dir(model_dir)
     export_model(source, fmt, out, patch, force, rank, overwrite)
+    summary = {"path": str(out), "format": fmt, "base": str(source), "patch": str(patch_path) if patch_path else None}
+    lines = [f"{fmt} export -> {out}"]
     if fmt == "peft" and patch is not None:
         from patcher.verification.adapters import peft_export_summary
 
-        click.echo(peft_export_summary(source, out, patch))
-    click.echo(f"{fmt} export -> {out}")
+        summary["check"] = peft_export_summary(source, out, patch)
+        lines.insert(0, summary["check"])
+    emit(summary, as_json, "\n".join(lines))
 
 
 @main.command()
@@ -356,9 +410,9 @@ def export(
 @click.option("--spec", "spec_path", type=click.Path(path_type=Path), required=True)
 @click.option("--formats", default=None, help="comma-separated formats (default: the spec's)")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.option("--force", is_flag=True, help="verify even if PATCHED was patched from another base (recorded)")
-@trust_remote_code_option
+@model_source_options
 def verify(
     base: str,
     patched: Path,
@@ -389,8 +443,8 @@ def verify(
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="release folder (reruns resume in it)")
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-@trust_remote_code_option
+@json_option
+@model_source_options
 def release(spec_path: Path, out: Path, as_json: bool) -> None:
     """Erase, export every format, verify each, and write the model card and reports into OUT.
 
@@ -421,7 +475,7 @@ def bench(suite: str, quick: bool) -> None:
 
 @main.command()
 @click.argument("patch_path", metavar="PATCH", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def inspect(patch_path: Path, as_json: bool) -> None:
     """Print a patch's metadata, tensors, ranks, sizes and base fingerprints."""
     from patcher.formats.patch import Patch

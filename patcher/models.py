@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,19 +42,36 @@ def in_checkpoint_names(model, deltas: dict) -> dict:
 _REMOTE_CODE: ContextVar[bool] = ContextVar("patcher_trust_remote_code", default=False)
 
 
+@dataclass(frozen=True)
+class HubAccess:
+    """How hub ids are fetched; None leaves huggingface_hub's own default (main, the cache
+    under HF_HOME, the HF_TOKEN environment variable)."""
+
+    revision: str | None = None
+    cache_dir: Path | None = None
+    token: str | None = None
+
+
+_HUB_ACCESS: ContextVar[HubAccess | None] = ContextVar("patcher_hub_access", default=None)
+
+
 @contextmanager
-def remote_code(trusted: bool) -> Iterator[None]:
+def _setting(variable: ContextVar, value) -> Iterator[None]:
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
+def remote_code(trusted: bool):
     """Within the block, a model folder that ships its own code (`auto_map` in config.json) is
     downloaded with it and every loader runs it, when `trusted`; otherwise it is refused.
 
     One switch per command rather than a flag on every loader: export, verify and release load
     the same model through a dozen consumers, and each must follow the user's single choice.
     """
-    token = _REMOTE_CODE.set(trusted)
-    try:
-        yield
-    finally:
-        _REMOTE_CODE.reset(token)
+    return _setting(_REMOTE_CODE, trusted)
 
 
 def remote_code_trusted() -> bool:
@@ -61,11 +79,18 @@ def remote_code_trusted() -> bool:
     return _REMOTE_CODE.get()
 
 
+def hub_access(access: HubAccess):
+    """Within the block, hub ids are fetched at `access`'s revision, into its cache, with its token."""
+    return _setting(_HUB_ACCESS, access)
+
+
 def resolve_model_dir(ref: str | Path) -> Path:
     """A local folder for `ref`: the folder itself, or a hub id downloaded to the HF cache."""
-    trust_remote_code = remote_code_trusted()
+    trust_remote_code, access = remote_code_trusted(), _HUB_ACCESS.get() or HubAccess()
     path = Path(ref).expanduser()
     if path.is_dir():
+        if access.revision is not None:
+            raise PatcherError(f"{ref} is a local folder: a revision applies to hub ids only, drop it")
         _refuse_remote_code(path, trust_remote_code)
         return path.resolve()
     looks_like_hub_id = str(ref).count("/") == 1 and not str(ref).startswith((".", "/", "~"))
@@ -74,7 +99,15 @@ def resolve_model_dir(ref: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(str(ref), allow_patterns=hub_patterns(trust_remote_code)))
+        folder = Path(
+            snapshot_download(
+                str(ref),
+                allow_patterns=hub_patterns(trust_remote_code),
+                revision=access.revision,
+                cache_dir=access.cache_dir,
+                token=access.token,
+            )
+        )
     except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PatcherError(f"could not fetch {ref} from the hub ({reason}): pass a local folder instead") from None

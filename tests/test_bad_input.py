@@ -11,6 +11,7 @@ import torch
 from helpers import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import load, save_file
 
 from patcher.formats.checkpoint import Checkpoint
@@ -175,6 +176,10 @@ def test_a_mutated_patch_file_loads_unchanged_or_fails_in_one_line(valid_bytes, 
         except PatchError as err:
             assert "\n" not in str(err)
             return
+        with safe_open(path, "pt") as loaded:
+            digested = "tensors_sha256" in (loaded.metadata() or {})
+    if not digested:  # the mutation hit the digests' key: a patch without digests loads, as other code writes them
+        return
     original = load(valid_bytes)  # the digests let only unchanged tensor bytes through
     assert patch.tensors.keys() == original.keys()
     assert all(torch.equal(patch.tensors[name], tensor) for name, tensor in original.items())

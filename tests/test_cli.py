@@ -294,7 +294,7 @@ def test_a_hub_download_keeps_chat_templates_and_fetches_code_only_when_trusted(
 
     asked = []
 
-    def fake_download(repo_id, allow_patterns):
+    def fake_download(repo_id, allow_patterns, **hub_options):
         asked.append(allow_patterns)
         (tmp_path / "config.json").write_text("{}")
         return str(tmp_path)

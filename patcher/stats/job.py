@@ -45,13 +45,17 @@ class StatsRun:
     world_size: int
     written: bool
 
+    @property
+    def unit(self) -> str:
+        """What `count` counts."""
+        return {"second-moment": "tokens", "fisher-batch-mean": "batches"}.get(self.kind, "samples")
+
     def summary(self, out: Path) -> str:
-        unit = {"second-moment": "tokens", "fisher-batch-mean": "batches"}.get(self.kind, "samples")
         what = "second moments" if self.kind == "second-moment" else f"{self.kind} diagonals"
         ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
         where = f"layers {self.layers}" if self.layers else "every parameter"
         resumed = f" (resumed after {self.resumed_tokens} tokens)" if self.resumed_tokens else ""
-        return f"{what} of {where} over {self.count} {unit}{ranks}{resumed} -> {out}"
+        return f"{what} of {where} over {self.count} {self.unit}{ranks}{resumed} -> {out}"
 
 
 def partial_path(out: Path, world: World) -> Path:
