@@ -176,7 +176,7 @@ def _pipeline_target(fmt: str) -> Target:
         fmt,
         "t2i-unet",
         whole_model(lambda source, out: export_pipeline_onnx(source, fmt, out)),
-        snippet=f'onnxruntime.InferenceSession("{{path}}/unet/{ONNX_FILE}")  # {note}',
+        snippet=f'optimum.onnxruntime.ORTStableDiffusionPipeline.from_pretrained("{{path}}")  # {note}',
     )
 
 
