@@ -25,7 +25,6 @@ from patcher.formats.registry import Target, register, whole_model
 from patcher.models import remote_code_trusted
 from patcher.quantizers import (
     BITSANDBYTES_FORMATS,
-    QUANTIZED_FORMATS,
     SKIPPED_MODULES,
     check_format,
     check_quantizable,
@@ -222,4 +221,4 @@ def _pipeline_target(fmt: str) -> Target:
     return Target(fmt, "t2i-unet", None, load=lambda folder: load_pipeline_quantized(folder, fmt))
 
 
-register(*map(_lm_target, QUANTIZED_FORMATS), *map(_pipeline_target, BITSANDBYTES_FORMATS))
+register(*map(_lm_target, (*BITSANDBYTES_FORMATS, "int4")), *map(_pipeline_target, BITSANDBYTES_FORMATS))

@@ -302,7 +302,8 @@ def locate(model: str | None, spec_path: Path, as_json: bool) -> None:
 @click.option(
     "--robust-to",
     default=None,
-    help="comma-separated quantized formats the edit must survive, of int8, nf4, fp4 and int4 (memit, alphaedit)",
+    help="comma-separated quantized formats the edit must survive, of int8, nf4, fp4, int4, "
+    "gguf-q8_0 and gguf-q4_0 (memit, alphaedit)",
 )
 @click.option("--stats", "stats_path", type=click.Path(path_type=Path), default=None)
 @click.option("--layers", default=None, help=f"{LAYERS_HELP} (default: the spec's)")
@@ -361,7 +362,7 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool,
     "--to",
     "fmt",
     required=True,
-    help="safetensors, peft, int8, nf4, fp4, int4, onnx, onnx-int8; "
+    help="safetensors, peft, int8, nf4, fp4, int4, onnx, onnx-int8, gguf-f16, gguf-q8_0, gguf-q4_0; "
     "pipelines: safetensors, diffusers-lora, onnx, onnx-int8",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True)

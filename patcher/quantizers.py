@@ -1,5 +1,5 @@
-"""Exact quantizer numerics: what bitsandbytes' int8/nf4/fp4 and int4 round-to-nearest do to
-a weight, without writing or loading a checkpoint.
+"""Exact quantizer numerics: what bitsandbytes' int8/nf4/fp4, int4 round-to-nearest and
+llama.cpp's GGUF block types do to a weight, without writing or loading a checkpoint.
 
 Robust edits solve inside the formats' scale envelopes and check every format by fake
 quantization; verify reads back the weight a quantized module computes with; exports
@@ -23,7 +23,11 @@ BITSANDBYTES_FORMATS = {
     "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
 }
 INT4_GROUP = 128
-QUANTIZED_FORMATS = (*BITSANDBYTES_FORMATS, "int4")
+# llama.cpp's block types, by patcher's format name: one fp16 absmax scale per 32 consecutive
+# weights of a row, 8-bit (q8_0) or 4-bit (q4_0) codes; the `gguf` package's quantizers.
+GGUF_TYPES = {"gguf-q8_0": "Q8_0", "gguf-q4_0": "Q4_0"}
+GGUF_BLOCK = 32
+QUANTIZED_FORMATS = (*BITSANDBYTES_FORMATS, "int4", *GGUF_TYPES)
 # bitsandbytes' CPU 4-bit path packs weights in blocks of 32 output rows, and of 64 inputs.
 CPU_4BIT_ROW_BLOCK = 32
 BLOCK_4BIT = 64  # bitsandbytes' default blocksize: one absmax scale per 64 consecutive weights
@@ -34,7 +38,9 @@ def check_format(fmt: str) -> None:
     """A clear error for an unknown quantized format or a missing library."""
     if fmt not in QUANTIZED_FORMATS:
         raise PatcherError(f"unknown quantized format {fmt!r}: use one of {', '.join(QUANTIZED_FORMATS)}")
-    package, module = ("compressed-tensors", "compressed_tensors") if fmt == "int4" else ("bitsandbytes",) * 2
+    package, module = {"int4": ("compressed-tensors", "compressed_tensors")}.get(
+        fmt, ("gguf", "gguf") if fmt in GGUF_TYPES else ("bitsandbytes", "bitsandbytes")
+    )
     if importlib.util.find_spec(module) is None:
         raise PatcherError(f"the {fmt} format needs {package}: pip install {package}")
 
@@ -54,6 +60,11 @@ def check_quantizable(model: torch.nn.Module, fmt: str) -> None:
                 raise PatcherError(
                     f"{name} ({out_features}x{in_features}) is too small for int4: groups of {INT4_GROUP} "
                     "need in-features divisible by it"
+                )
+            if fmt in GGUF_TYPES and in_features % GGUF_BLOCK:
+                raise PatcherError(
+                    f"{name} ({out_features}x{in_features}) does not fit {fmt}: llama.cpp's blocks of {GGUF_BLOCK} "
+                    "need in-features divisible by it; ship this model in gguf-f16"
                 )
             if fmt in ("nf4", "fp4") and (out_features % CPU_4BIT_ROW_BLOCK or in_features % BLOCK_4BIT):
                 raise PatcherError(
@@ -96,15 +107,29 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     return out.T
 
 
+def gguf_quantize(weight: torch.Tensor, fmt: str):
+    """The (out, in) weight's GGUF blocks in `fmt`, as bytes (numpy uint8), quantized from fp32
+    as llama.cpp's converter does."""
+    from gguf import GGMLQuantizationType, quantize
+
+    return quantize(weight.detach().float().cpu().numpy(), GGMLQuantizationType[GGUF_TYPES[fmt]])
+
+
 def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """Quantize then dequantize an (out, in) weight exactly as `fmt` does on load (fp32 out).
 
     4-bit: bitsandbytes' blockwise absmax over 64 consecutive values of the fp32 weight;
     int8: LLM.int8's row-wise absmax of the fp16 weight; int4: compressed-tensors' own
-    `fake_quantize` in the weight's dtype. Lets an edit be checked in a format without
-    writing a checkpoint.
+    `fake_quantize` in the weight's dtype; GGUF: the `gguf` package's quantizer and
+    dequantizer, which transformers' GGUF loader uses. Lets an edit be checked in a format
+    without writing a checkpoint.
     """
     check_format(fmt)
+    if fmt in GGUF_TYPES:
+        from gguf import GGMLQuantizationType, dequantize
+
+        blocks = gguf_quantize(weight, fmt)
+        return torch.from_numpy(dequantize(blocks, GGMLQuantizationType[GGUF_TYPES[fmt]])).to(weight.device).float()
     if fmt == "int4":
         from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
 
@@ -127,8 +152,8 @@ def scale_envelope(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     rounding, exactly as in the quantized base.
     """
     magnitude = weight.detach().abs()
-    if fmt == "int4":
-        groups = magnitude.reshape(weight.shape[0], -1, INT4_GROUP)
+    if fmt == "int4" or fmt in GGUF_TYPES:
+        groups = magnitude.reshape(weight.shape[0], -1, INT4_GROUP if fmt == "int4" else GGUF_BLOCK)
         return groups.amax(-1, keepdim=True).expand_as(groups).reshape(weight.shape)
     if BITSANDBYTES_FORMATS[fmt].get("load_in_4bit"):
         flat = magnitude.reshape(-1)

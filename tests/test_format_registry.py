@@ -25,7 +25,8 @@ def scratch_registry(monkeypatch):
 
 
 def test_each_family_lists_what_it_ships():
-    assert registry.format_names("causal-lm", robust=True) == ("int8", "nf4", "fp4", "int4")
+    robust = ("gguf-q8_0", "gguf-q4_0", "int8", "nf4", "fp4", "int4")
+    assert registry.format_names("causal-lm", robust=True) == robust
     assert set(registry.format_names("t2i-unet", exported=True)) == {
         "safetensors",
         "diffusers-lora",
