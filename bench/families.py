@@ -41,7 +41,7 @@ from patcher.stats.job import run_stats
 from patcher.verification.optimum import OPTIMUM_PYTHON, optimum_generate, optimum_python, pytorch_generate
 
 METHODS = ("memit", "alphaedit", "fila", "ga")
-EXPORTS = ("int8", "nf4", "fp4", "int4", "onnx", "onnx-int8")
+EXPORTS = ("int8", "nf4", "fp4", "int4", "onnx", "onnx-int8", "gguf-q4_0")
 STEPS = ("locate", "stats", *METHODS, "apply", *EXPORTS, "optimum", "peft")
 OPTIMUM_TOKENS = 4
 MARKERS = ("<!-- families-matrix:start -->", "<!-- families-matrix:end -->")

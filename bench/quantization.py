@@ -26,7 +26,7 @@ from patcher.formats.hf import write_model_folder
 from patcher.spec import load_spec
 from patcher.verifying import verify
 
-FORMATS = ["safetensors", "int8", "nf4", "fp4", "int4", "gguf-f16", "gguf-q8_0", "gguf-q4_0"]
+FORMATS = ["safetensors", "int8", "nf4", "fp4", "int4", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k"]
 ROBUST = ("int8", "nf4", "fp4")
 # (base grid, label, method, robust_to, extra [erase] hyperparameters)
 RUNS = [

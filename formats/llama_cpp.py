@@ -1,9 +1,9 @@
 """GGUF exports of causal LMs: the file llama.cpp, Ollama and LM Studio run.
 
-`gguf-f16` stores every matrix in fp16; `gguf-q8_0` and `gguf-q4_0` store the token
-embeddings and every decoder matrix in llama.cpp's absmax blocks of 32 (numerics in
-`patcher.quantizers`), the output head in fp16 (as transformers keeps `lm_head` out of its
-quantized loads) and norms and biases in fp32. Tensor names and metadata keys are the
+`gguf-f16` stores every matrix in fp16; `gguf-q8_0`, `gguf-q4_0` and `gguf-q4_k` store the
+token embeddings and every decoder matrix in llama.cpp's block types (numerics in
+`patcher.quantizers` and `patcher.kquants`), the output head in fp16 (as transformers keeps
+`lm_head` out of its quantized loads) and norms and biases in fp32. Tensor names and metadata keys are the
 `gguf` package's own tables. The tokenizer goes into the file when GGUF describes it
 (byte-level BPE: vocabulary, merges, special tokens, chat template); `tokenizer.json` ships
 beside the file either way, so transformers users get the model's own tokenizer.
@@ -28,9 +28,13 @@ from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint, tensor_entries
 from patcher.formats.registry import Target, register, whole_model
-from patcher.quantizers import GGUF_BLOCK, GGUF_TYPES, gguf_quantize
+from patcher.quantizers import GGUF_BLOCK, GGUF_TYPES, gguf_quantize, gguf_type
 
 GGUF_FORMATS = ("gguf-f16", *GGUF_TYPES)
+# `--robust-to` solves inside a box that keeps every block's scale: an absmax scale stays put
+# while no weight passes it, but Q4_K's scales and minimums are a least-squares fit to every
+# weight of their sub-block, which any change moves.
+ROBUST_GGUF = ("gguf-q8_0", "gguf-q4_0")
 # model_type -> (llama.cpp architecture, whether llama.cpp wants q/k rows in its rotary order)
 ARCHITECTURES = {
     "llama": ("llama", True),
@@ -96,7 +100,7 @@ def export_gguf(source: str | Path, fmt: str, out: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source)
     with atomic_path(out, is_dir=True) as tmp:
         writer = gguf.GGUFWriter(tmp / gguf_file_name(fmt), architecture, use_temp_file=True)
-        _write_config(writer, config, fmt)
+        _write_config(writer, config, architecture, fmt)
         if not _write_tokenizer(writer, tokenizer, config.vocab_size):
             warnings.warn(
                 f"{type(tokenizer.backend_tokenizer.model).__name__} tokenizers have no GGUF form: the file "
@@ -110,18 +114,49 @@ def export_gguf(source: str | Path, fmt: str, out: str | Path) -> Path:
             if reorder and role in heads and tensor.dim() == 2:
                 tensor = rotary_order(tensor, heads[role])
             if kind in GGUF_TYPES:
-                blocks = gguf_quantize(tensor, kind)
-                writer.add_tensor(target, blocks, raw_dtype=gguf.GGMLQuantizationType[GGUF_TYPES[kind]])
+                stored = gguf.GGMLQuantizationType[gguf_type(kind, tensor.shape[1])]
+                writer.add_tensor(target, gguf_quantize(tensor, kind), raw_dtype=stored)
             else:
                 writer.add_tensor(target, tensor.numpy().astype(np.float16 if kind == "F16" else np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        check_read_back(tmp / gguf_file_name(fmt), config)
         for name in SIDE_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
     return Path(out)
+
+
+SHAPE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "vocab_size",
+)  # fmt: skip
+
+
+def check_read_back(path: Path, config) -> None:
+    """Refuse a file that transformers' GGUF loader would read as another shape of model (its
+    tables fill what they do not map from the config class's defaults: Qwen3's head size is
+    always 128 there), so that nothing verify cannot read back is shipped."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    read = dict(load_gguf_checkpoint(str(path))["config"])
+    loaded = AutoConfig.for_model(read.pop("model_type"), **read)
+    for field in SHAPE_FIELDS:
+        wanted, got = _shape_field(config, field), _shape_field(loaded, field)
+        if wanted != got:
+            raise PatcherError(
+                f"transformers' GGUF loader reads {field} {got} from the file where this model has {wanted}, so "
+                "it would load another model: ship this model as safetensors, onnx or a quantized format"
+            )
+
+
+def _shape_field(config, field: str) -> int:
+    if field == "head_dim":
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, field)
 
 
 def _plan(checkpoint: Checkpoint, names, config, fmt: str) -> dict[str, tuple[str, str]]:
@@ -150,13 +185,15 @@ def _plan(checkpoint: Checkpoint, names, config, fmt: str) -> dict[str, tuple[st
     return planned
 
 
-def _write_config(writer, config, fmt: str) -> None:
+def _write_config(writer, config, architecture: str, fmt: str) -> None:
     """The model's shape under llama.cpp's metadata keys."""
     from gguf import LlamaFileType
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_name(config.model_type)  # transformers' GGUF loader tells mistral from llama by the name
+    # The name stays the architecture's: transformers' loader would read a llama file named
+    # "mistral" as a MistralForCausalLM, which its GGUF tables (gguf 0.19) cannot map.
+    writer.add_name(architecture)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -169,8 +206,13 @@ def _write_config(writer, config, fmt: str) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    file_types = {"gguf-f16": LlamaFileType.MOSTLY_F16, "gguf-q8_0": LlamaFileType.MOSTLY_Q8_0}
-    writer.add_file_type(file_types.get(fmt, LlamaFileType.MOSTLY_Q4_0))
+    file_types = {
+        "gguf-f16": LlamaFileType.MOSTLY_F16,
+        "gguf-q8_0": LlamaFileType.MOSTLY_Q8_0,
+        "gguf-q4_0": LlamaFileType.MOSTLY_Q4_0,
+        "gguf-q4_k": LlamaFileType.MOSTLY_Q4_K_S,
+    }
+    writer.add_file_type(file_types[fmt])
 
 
 def _write_tokenizer(writer, tokenizer, vocab_size: int) -> bool:
@@ -236,7 +278,7 @@ def _target(fmt: str) -> Target:
         load=lambda folder: load_as_gguf(folder, fmt),
         load_artifact=load_gguf,
         snippet=f'AutoModelForCausalLM.from_pretrained("{{path}}", gguf_file="{file}")  # llama.cpp: {{path}}/{file}',
-        robust=fmt in GGUF_TYPES,
+        robust=fmt in ROBUST_GGUF,
     )
 
 

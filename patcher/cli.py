@@ -362,7 +362,7 @@ def apply(model: str, patch_path: Path, out: Path, force: bool, overwrite: bool,
     "--to",
     "fmt",
     required=True,
-    help="safetensors, peft, int8, nf4, fp4, int4, onnx, onnx-int8, gguf-f16, gguf-q8_0, gguf-q4_0; "
+    help="safetensors, peft, int8, nf4, fp4, int4, onnx, onnx-int8, gguf-f16, gguf-q8_0, gguf-q4_0, gguf-q4_k; "
     "pipelines: safetensors, diffusers-lora, onnx, onnx-int8",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True)

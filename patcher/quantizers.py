@@ -16,6 +16,7 @@ import torch
 from patcher.adapters.base import stores_transposed
 from patcher.adapters.layout import is_projection
 from patcher.errors import PatcherError
+from patcher.kquants import SUPER_BLOCK, quantize_q4_k
 
 BITSANDBYTES_FORMATS = {
     "int8": {"load_in_8bit": True},
@@ -23,10 +24,13 @@ BITSANDBYTES_FORMATS = {
     "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
 }
 INT4_GROUP = 128
-# llama.cpp's block types, by patcher's format name: one fp16 absmax scale per 32 consecutive
-# weights of a row, 8-bit (q8_0) or 4-bit (q4_0) codes; the `gguf` package's quantizers.
-GGUF_TYPES = {"gguf-q8_0": "Q8_0", "gguf-q4_0": "Q4_0"}
+# llama.cpp's block types, by patcher's format name. q8_0 and q4_0: one fp16 absmax scale per
+# 32 consecutive weights of a row, 8- or 4-bit codes (the `gguf` package's quantizers); q4_k:
+# super-blocks of 256 with 6-bit sub-block scales and minimums (`patcher.kquants`), and, as
+# llama.cpp does, q5_0 for a matrix whose rows super-blocks do not divide.
+GGUF_TYPES = {"gguf-q8_0": "Q8_0", "gguf-q4_0": "Q4_0", "gguf-q4_k": "Q4_K"}
 GGUF_BLOCK = 32
+GGUF_K_FALLBACK = "Q5_0"
 QUANTIZED_FORMATS = (*BITSANDBYTES_FORMATS, "int4", *GGUF_TYPES)
 # bitsandbytes' CPU 4-bit path packs weights in blocks of 32 output rows, and of 64 inputs.
 CPU_4BIT_ROW_BLOCK = 32
@@ -107,12 +111,20 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     return out.T
 
 
+def gguf_type(fmt: str, columns: int) -> str:
+    """The GGML type `fmt` stores a matrix with rows of `columns` weights in."""
+    kind = GGUF_TYPES[fmt]
+    return GGUF_K_FALLBACK if kind == "Q4_K" and columns % SUPER_BLOCK else kind
+
+
 def gguf_quantize(weight: torch.Tensor, fmt: str):
     """The (out, in) weight's GGUF blocks in `fmt`, as bytes (numpy uint8), quantized from fp32
-    as llama.cpp's converter does."""
+    as llama.cpp's converter and `llama-quantize` do."""
     from gguf import GGMLQuantizationType, quantize
 
-    return quantize(weight.detach().float().cpu().numpy(), GGMLQuantizationType[GGUF_TYPES[fmt]])
+    values = weight.detach().float().cpu().numpy()
+    kind = gguf_type(fmt, values.shape[1])
+    return quantize_q4_k(values) if kind == "Q4_K" else quantize(values, GGMLQuantizationType[kind])
 
 
 def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -128,8 +140,8 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt in GGUF_TYPES:
         from gguf import GGMLQuantizationType, dequantize
 
-        blocks = gguf_quantize(weight, fmt)
-        return torch.from_numpy(dequantize(blocks, GGMLQuantizationType[GGUF_TYPES[fmt]])).to(weight.device).float()
+        kind = GGMLQuantizationType[gguf_type(fmt, weight.shape[1])]
+        return torch.from_numpy(dequantize(gguf_quantize(weight, fmt), kind)).to(weight.device).float()
     if fmt == "int4":
         from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
 

@@ -14,9 +14,13 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from patcher.fixtures.lm import build_tokenizer
@@ -24,7 +28,8 @@ from patcher.formats.llama_cpp import export_gguf, gguf_file_name, load_gguf
 from patcher.quantizers import fake_quantize, quantized_linears
 
 TEXTS = ["The capital of France is Paris.", "hello world 123", "  two spaces, then <eos> and ünïcödé"]
-SHAPE = dict(DECODER, hidden_size=64, intermediate_size=128, vocab_size=300)  # rows of 64: blocks of 32 fit
+# Rows of 64 (blocks of 32 fit; q4_k falls back to q5_0) and, in down_proj, of 256 (one q4_k super-block).
+SHAPE = dict(DECODER, hidden_size=64, intermediate_size=256, vocab_size=300)
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
@@ -63,15 +68,17 @@ def expected_weight(name: str, weight: torch.Tensor, fmt: str, quantized: set[st
     return weight.half().float()
 
 
-@pytest.mark.parametrize("fmt", ["gguf-f16", "gguf-q8_0", "gguf-q4_0"])
+@pytest.mark.parametrize("fmt", ["gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k"])
 @pytest.mark.parametrize(
     "family",
     [
         # grouped-query attention: llama.cpp's rotary row order of q and k, with different head counts
         (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 2}),
         (Qwen2Config, Qwen2ForCausalLM, {"num_key_value_heads": 2}),  # q/k/v biases, no reordering
+        (MistralConfig, MistralForCausalLM, {"num_key_value_heads": 2}),  # read back as a Llama
+        (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 128}),  # q/k norms; the head size the loader assumes
     ],
-    ids=["llama", "qwen2"],
+    ids=["llama", "qwen2", "mistral", "qwen3"],
 )
 def test_the_file_holds_the_format_rounding_and_computes_like_it(tmp_path, fmt, family):
     """Every parameter read back equals its rounding (the `gguf` package's quantizer, which
@@ -152,3 +159,12 @@ def test_gguf_block_export_refuses_rows_blocks_do_not_divide(tmp_path):
     result = run_cli("export", str(tmp_path / "model"), "--to", "gguf-q4_0", "--out", str(tmp_path / "out"), expect=2)
     assert "blocks of 32 need rows divisible by it; ship this model in gguf-f16" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_transformers_would_read_as_another_model_is_refused(tmp_path):
+    """transformers' GGUF tables give every Qwen3 file a head size of 128: a Qwen3 with
+    another one is refused before anything ships, naming the field."""
+    model_folder(tmp_path / "model", Qwen3Config, Qwen3ForCausalLM, head_dim=32)
+    result = run_cli("export", str(tmp_path / "model"), "--to", "gguf-f16", "--out", str(tmp_path / "out"), expect=2)
+    assert "reads head_dim 128 from the file where this model has 32" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
