@@ -3,8 +3,8 @@
 `gguf-f16` stores every matrix in fp16; `gguf-q8_0`, `gguf-q4_0` and `gguf-q4_k` store the
 token embeddings and every decoder matrix in llama.cpp's block types (numerics in
 `patcher.quantizers` and `patcher.kquants`), the output head in fp16 (as transformers keeps
-`lm_head` out of its quantized loads) and norms and biases in fp32. Tensor names and metadata keys are the
-`gguf` package's own tables. The tokenizer goes into the file when GGUF describes it
+`lm_head` out of its quantized loads) and norms and biases in fp32. Tensor names and
+metadata keys are the `gguf` package's own tables. The tokenizer goes into the file when GGUF describes it
 (byte-level BPE: vocabulary, merges, special tokens, chat template); `tokenizer.json` ships
 beside the file either way, so transformers users get the model's own tokenizer.
 
@@ -14,7 +14,6 @@ Verify and tests read the file back with transformers' GGUF loader
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import torch
 from patcher.errors import PatcherError
 from patcher.formats.atomic import atomic_path
 from patcher.formats.checkpoint import Checkpoint, tensor_entries
+from patcher.formats.quantized import TOKENIZER_FILES
 from patcher.formats.registry import Target, register, whole_model
 from patcher.quantizers import GGUF_BLOCK, GGUF_TYPES, gguf_quantize, gguf_type
 
@@ -43,18 +43,8 @@ ARCHITECTURES = {
     "qwen3": ("qwen3", False),
 }
 OUTPUT_HEAD = "output.weight"
-SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "generation_config.json",
-)  # fmt: skip
 # llama.cpp's token types
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-
-
-def require_gguf(fmt: str) -> None:
-    """A one-line error, before any work, when the `gguf` package is missing."""
-    if importlib.util.find_spec("gguf") is None:
-        raise PatcherError(f"the {fmt} format needs the gguf package: pip install gguf")
 
 
 def gguf_file_name(fmt: str) -> str:
@@ -93,7 +83,6 @@ def export_gguf(source: str | Path, fmt: str, out: str | Path) -> Path:
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
-    require_gguf(fmt)
     source = Path(source)
     config = AutoConfig.from_pretrained(source)
     architecture, reorder = check_gguf_model(config)
@@ -126,7 +115,7 @@ def export_gguf(source: str | Path, fmt: str, out: str | Path) -> Path:
         writer.write_tensors_to_file()
         writer.close()
         check_read_back(tmp / gguf_file_name(fmt), config)
-        for name in SIDE_FILES:
+        for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
     return Path(out)
@@ -148,7 +137,7 @@ def check_read_back(path: Path, config) -> None:
     read = dict(load_gguf_checkpoint(str(path))["config"])
     loaded = AutoConfig.for_model(read.pop("model_type"), **read)
     for field in SHAPE_FIELDS:
-        wanted, got = _shape_field(config, field), _shape_field(loaded, field)
+        wanted, got = shape_of(config, field), shape_of(loaded, field)
         if wanted != got:
             raise PatcherError(
                 f"transformers' GGUF loader reads {field} {got} from the file where this model has {wanted}, so "
@@ -156,7 +145,8 @@ def check_read_back(path: Path, config) -> None:
             )
 
 
-def _shape_field(config, field: str) -> int:
+def shape_of(config, field: str) -> int:
+    """A config's size `field`; the head size derived from the width when the config has none."""
     if field == "head_dim":
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return getattr(config, field)
@@ -192,7 +182,7 @@ def _write_config(writer, config, architecture: str, fmt: str) -> None:
     """The model's shape under llama.cpp's metadata keys."""
     from gguf import LlamaFileType
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = shape_of(config, "head_dim")
     rope = getattr(config, "rope_parameters", None) or {}
     # The name stays the architecture's: transformers' loader would read a llama file named
     # "mistral" as a MistralForCausalLM, which its GGUF tables (gguf 0.19) cannot map.

@@ -37,6 +37,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "chat_template.jinja",
     "vocab.json",
     "merges.txt",
     "generation_config.json",

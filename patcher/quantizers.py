@@ -65,11 +65,6 @@ def check_quantizable(model: torch.nn.Module, fmt: str) -> None:
                     f"{name} ({out_features}x{in_features}) is too small for int4: groups of {INT4_GROUP} "
                     "need in-features divisible by it"
                 )
-            if fmt in GGUF_TYPES and in_features % GGUF_BLOCK:
-                raise PatcherError(
-                    f"{name} ({out_features}x{in_features}) does not fit {fmt}: llama.cpp's blocks of {GGUF_BLOCK} "
-                    "need in-features divisible by it; ship this model in gguf-f16"
-                )
             if fmt in ("nf4", "fp4") and (out_features % CPU_4BIT_ROW_BLOCK or in_features % BLOCK_4BIT):
                 raise PatcherError(
                     f"{name} ({out_features}x{in_features}) is too small for {fmt}: bitsandbytes' CPU kernels "
