@@ -36,6 +36,10 @@ def test_adapter_finds_the_mlp_output_projection(family):
     assert (adapter.model_dim, adapter.key_dim) == (WIDTH, key_width)
     assert adapter.weight_is_transposed == (family == "gpt2")
     assert adapter.weight_name(1) in dict(model.named_parameters())
+    # Gemma 2/3 and OLMo 2 name the norm their modelling code applies to the MLP's output.
+    normalised = any(name.endswith("post_feedforward_layernorm") for name, _ in model.named_modules())
+    assert adapter.output_normalised == normalised
+    assert adapter.value_site(1) is (adapter.down_proj(1) if normalised else adapter.layers[1])
 
     captured = {}
     adapter.down_proj(1).register_forward_pre_hook(lambda m, args: captured.update(k=args[0]))

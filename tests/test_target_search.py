@@ -6,7 +6,7 @@ from helpers import DECODER
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from patcher.adapters import causal_lm_adapter
-from patcher.methods.lm_edit import EditRequest, TargetHparams, average_keys, layer_outputs_at, target_values
+from patcher.methods.lm_edit import EditRequest, TargetHparams, average_keys, target_values, values_at
 
 PAD = 0
 
@@ -32,8 +32,8 @@ def _requests(count: int, seed: int) -> list[EditRequest]:
     return requests
 
 
-def _target_probability(adapter, layer, request, value):
-    """p(first target token | prompt) with the residual after `layer` at the subject set to `value`."""
+def _next_token_log_probs(adapter, layer, request, value):
+    """log p(· | prompt) with the residual after `layer` at the subject set to `value`."""
 
     def overwrite(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -47,7 +47,23 @@ def _target_probability(adapter, layer, request, value):
             logits = adapter.model(input_ids=torch.tensor([request.prompt_ids])).logits
     finally:
         handle.remove()
-    return logits[0, -1].softmax(-1)[request.target_ids[0]].item()
+    return logits[0, -1].log_softmax(-1)
+
+
+def _target_probability(adapter, layer, request, value):
+    """p(first target token | prompt) with the residual after `layer` at the subject set to `value`."""
+    return _next_token_log_probs(adapter, layer, request, value)[request.target_ids[0]].exp().item()
+
+
+def _known_facts(adapter, seed):
+    """Requests whose target is the model's greedy next token; the subject ends the prompt,
+    so the shifted residual feeds the next-token logits directly."""
+    requests = []
+    for r in _requests(3, seed=seed):
+        with torch.no_grad():
+            known = adapter.model(input_ids=torch.tensor([r.prompt_ids])).logits[0, -1].argmax().item()
+        requests.append(EditRequest(r.prompt_ids, r.essence_ids, len(r.prompt_ids) - 1, [known], None))
+    return requests
 
 
 def test_facts_searched_together_follow_their_own_path(adapter):
@@ -61,19 +77,27 @@ def test_facts_searched_together_follow_their_own_path(adapter):
 
 
 def test_the_target_value_makes_the_target_unlikely(adapter):
-    # Facts the model "knows": the target is its greedy next token. The subject ends the
-    # prompt, so the shifted residual feeds the next-token logits directly.
-    requests = []
-    for r in _requests(3, seed=2):
-        with torch.no_grad():
-            known = adapter.model(input_ids=torch.tensor([r.prompt_ids])).logits[0, -1].argmax().item()
-        requests.append(EditRequest(r.prompt_ids, r.essence_ids, len(r.prompt_ids) - 1, [known], None))
+    requests = _known_facts(adapter, seed=2)
     hp = TargetHparams(steps=40, kl_factor=0.0, clamp_norm=100.0)
     values = target_values(adapter, 2, requests, [[]], 1, PAD, hp)
     for request, value in zip(requests, values.T, strict=True):
-        unedited = layer_outputs_at(adapter, 2, [request.prompt_ids], [request.subject_end], PAD)[:, 0]
+        unedited = values_at(adapter, 2, [request.prompt_ids], [request.subject_end], PAD)[:, 0]
         assert _target_probability(adapter, 2, request, unedited) > 0.1
         assert _target_probability(adapter, 2, request, value) < hp.stop_probability
+
+
+@pytest.mark.parametrize("margin", [0.0, 3.0])
+def test_the_search_goes_on_until_the_target_trails_by_the_margin(adapter, margin):
+    # A stop probability of 1 leaves the margin as the only stopping rule; small steps
+    # (this model's logits move fast) let it stop just past the margin.
+    requests = _known_facts(adapter, seed=5)
+    hp = TargetHparams(steps=2000, lr=1e-4, kl_factor=0.0, clamp_norm=100.0, stop_probability=1.0, margin=margin)
+    values = target_values(adapter, 2, requests, [[]], 1, PAD, hp)
+    for request, value in zip(requests, values.T, strict=True):
+        log_probs = _next_token_log_probs(adapter, 2, request, value)
+        target = log_probs[request.target_ids[0]].item()
+        lead = target - log_probs.scatter(0, torch.tensor(request.target_ids), -torch.inf).max().item()
+        assert -margin - 1.0 < lead <= -margin
 
 
 def test_weights_keep_requires_grad_after_the_search(adapter):
@@ -111,7 +135,7 @@ def test_captures_over_more_than_one_pass_match_single_sequence_forwards(adapter
     torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-5)
 
     sequences, positions = [ids for ids, _ in placed], [pos for _, pos in placed]
-    outputs = layer_outputs_at(adapter, 1, sequences, positions, PAD)
+    outputs = values_at(adapter, 1, sequences, positions, PAD)
     torch.testing.assert_close(
         outputs, _reference_capture(adapter, adapter.layers[1], False, sequences, positions), rtol=1e-5, atol=1e-5
     )

@@ -10,15 +10,25 @@ class CausalLMAdapter:
     """Locates each layer's MLP down-projection: the matrix MEMIT-style edits rewrite.
 
     `layers_path` is where the decoder layers live, `down_proj_path` the down-projection
-    inside a layer, and `weight_is_transposed` whether it stores its weight as (in, out)
-    (GPT-2's Conv1D). `patcher.adapters.layout` finds all three for a loaded model.
+    inside a layer, `weight_is_transposed` whether it stores its weight as (in, out)
+    (GPT-2's Conv1D), and `output_normalised` whether a norm maps the projection's output
+    before the residual stream adds it. `patcher.adapters.layout` finds all four for a
+    loaded model.
     """
 
-    def __init__(self, model: nn.Module, layers_path: str, down_proj_path: str, weight_is_transposed: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers_path: str,
+        down_proj_path: str,
+        weight_is_transposed: bool,
+        output_normalised: bool = False,
+    ) -> None:
         self.model = model
         self.layers_path = layers_path
         self.down_proj_path = down_proj_path
         self.weight_is_transposed = weight_is_transposed
+        self.output_normalised = output_normalised
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -33,6 +43,12 @@ class CausalLMAdapter:
 
     def down_proj(self, layer: int) -> nn.Module:
         return self.model.get_submodule(self.down_proj_name(layer))
+
+    def value_site(self, layer: int) -> nn.Module:
+        """The module whose output a layer's target values describe: the layer itself (the
+        residual stream, which the projection's output joins unchanged) or, where a norm
+        maps that output first, the projection (the norm is then part of the search)."""
+        return self.down_proj(layer) if self.output_normalised else self.layers[layer]
 
     def weight_name(self, layer: int) -> str:
         """The parameter (and checkpoint tensor) name of the down-projection weight."""

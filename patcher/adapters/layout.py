@@ -5,7 +5,9 @@ the MLP's output projection is the matrix whose output is added to the residual 
 after the MLP: in every decoder layout transformers ships (sequential like Llama's,
 parallel like GPT-J's, Falcon's or Cohere's), the last linear map of the hidden width
 that a layer's forward calls. One traced forward of a few tokens finds it, so a family
-needs no entry of its own unless that rule is ambiguous for it.
+needs no entry of its own unless that rule is ambiguous for it. The same trace tells
+whether the projection's output is normalised before it joins the residual stream (Gemma 2
+and 3's and OLMo 2's `post_feedforward_layernorm`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from patcher.errors import PatcherError
 
 @dataclass(frozen=True)
 class Layout:
-    """The decoder layers' path, the output projection's path inside a layer, and whether
-    its weight is stored as (in, out)."""
+    """The decoder layers' path, the output projection's path inside a layer, whether its
+    weight is stored as (in, out), and whether a non-linear module (a norm) maps its output
+    before the residual stream adds it."""
 
     layers_path: str
     down_proj_path: str
     weight_is_transposed: bool
+    output_normalised: bool = False
 
 
 def is_projection(module: nn.Module) -> bool:
@@ -50,7 +54,7 @@ def find_layout(model: nn.Module) -> Layout:
         if module is None or not is_projection(module):
             raise PatcherError(f"{model_type}: layer {index} has no {down_proj_path} like layer 0's; cannot edit it")
     transposed = stores_transposed(layers[0].get_submodule(down_proj_path))
-    return Layout(layers_path, down_proj_path, transposed)
+    return Layout(layers_path, down_proj_path, transposed, _output_normalised(model, layers[0], down_proj_path))
 
 
 def _decoder_layers(model: nn.Module, count: int, model_type: str) -> str:
@@ -95,8 +99,7 @@ def _output_projection(model: nn.Module, layers: nn.ModuleList, config, model_ty
         if name and is_projection(module)
     ]
     try:
-        device = next(model.parameters()).device
-        model(input_ids=torch.arange(1, 4, device=device)[None] % config.vocab_size)
+        _trace(model)
     finally:
         for handle in handles:
             handle.remove()
@@ -106,3 +109,41 @@ def _output_projection(model: nn.Module, layers: nn.ModuleList, config, model_ty
             "cannot find the MLP output projection"
         )
     return calls[-1]
+
+
+@torch.no_grad()
+def _output_normalised(model: nn.Module, layer: nn.Module, down_proj_path: str) -> bool:
+    """Whether a module of `layer` takes the projection's output as its input and is not
+    linear in it (checked by scaling the input: a norm's output does not scale with it,
+    an inference-mode dropout's does)."""
+    projection = layer.get_submodule(down_proj_path)
+    produced: list[torch.Tensor] = []
+    receivers: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def keep_output(module, args, output):
+        produced.append(output)
+
+    def find_receiver(module, args):
+        if produced and len(args) == 1 and args[0] is produced[-1]:
+            receivers.append((module, args[0]))
+
+    handles = [projection.register_forward_hook(keep_output)]
+    handles += [module.register_forward_pre_hook(find_receiver) for module in layer.modules() if module is not layer]
+    try:
+        _trace(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return any(not _scales_with_input(module, value) for module, value in receivers)
+
+
+def _scales_with_input(module: nn.Module, value: torch.Tensor) -> bool:
+    """Whether module(2x) = 2 module(x) at x = `value` (a module with another kind of output counts as scaling)."""
+    plain, doubled = module(value), module(2 * value)
+    return not isinstance(plain, torch.Tensor) or torch.allclose(doubled, 2 * plain, rtol=1e-4, atol=1e-6)
+
+
+def _trace(model: nn.Module) -> None:
+    """One forward pass of three tokens, for hooks to watch."""
+    device = next(model.parameters()).device
+    model(input_ids=torch.arange(1, 4, device=device)[None] % model.config.get_text_config().vocab_size)

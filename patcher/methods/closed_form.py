@@ -38,4 +38,5 @@ class ClosedFormConfig:
             kl_factor=self.kl_factor,
             clamp_norm=self.clamp_norm,
             context_templates=self.context_templates,
+            margin=self.margin,
         )

@@ -39,6 +39,7 @@ class TargetHparams:
     clamp_norm: float = 4.0
     context_templates: int = 6
     stop_probability: float = 0.01
+    margin: float = 0.0  # a fact is searched until its target trails another token by this many nats
 
 
 @dataclass
@@ -189,11 +190,12 @@ def _captured_at(
     return torch.cat(columns).double().T.cpu()
 
 
-def layer_outputs_at(
+def values_at(
     adapter: CausalLMAdapter, layer: int, sequences: list[list[int]], positions: list[int], pad: int
 ) -> torch.Tensor:
-    """The residual stream after `layer` at one position per sequence: (d_model, n)."""
-    return _captured_at(adapter.model, adapter.layers[layer], False, sequences, positions, pad)
+    """The value `layer`'s edit targets at one position per sequence, (d_model, n): the
+    residual stream after the layer, or the projection's output where a norm follows it."""
+    return _captured_at(adapter.model, adapter.value_site(layer), False, sequences, positions, pad)
 
 
 def average_keys(
@@ -261,7 +263,7 @@ def target_values(
     hp: TargetHparams,
     rows_per_pass: int = 32,
 ) -> torch.Tensor:
-    """Each request's residual value after `layer` at its subject that makes its target
+    """Each request's value at `layer` (`values_at`) at its subject that makes its target
     unlikely: (d_model, n).
 
     Optimises one additive shift δ per fact over every context: unlikelihood of each target
@@ -276,7 +278,7 @@ def target_values(
     """
     model = adapter.model
     bare = [in_context(r, prefixes[0], n_special) for r in requests]
-    original = layer_outputs_at(adapter, layer, [ids for ids, _ in bare], [pos for _, pos in bare], pad).T.float()
+    original = values_at(adapter, layer, [ids for ids, _ in bare], [pos for _, pos in bare], pad).T.float()
     with torch.no_grad():
         essence = _SearchBatch.build(requests, [], n_special)
         base_kl = F.log_softmax(_run(model, essence.sequences, pad)[essence.kl_rows, essence.kl_positions].float(), -1)
@@ -321,24 +323,26 @@ def _search_step(adapter, layer, batch, shift, requests, active, pad, hp):
     rows = torch.arange(len(batch.sequences))
 
     def add_shift(module, args, output):
-        hidden = _hidden(output).clone()
+        hidden = per_token(_hidden(output), len(rows)).clone()
         hidden[rows, batch.shift_positions] += shift[batch.owners].to(hidden.dtype)
-        return _with_hidden(output, hidden)
+        return _with_hidden(output, hidden.view_as(_hidden(output)))
 
-    with _hook(adapter.layers[layer], add_shift):
+    with _hook(adapter.value_site(layer), add_shift):
         logits = _run(adapter.model, batch.sequences, pad).float()
     log_probs = F.log_softmax(logits[batch.answer_rows, batch.answer_positions], -1)
     token_log_probs = log_probs.gather(1, batch.answer_tokens.view(-1, 1)).squeeze(1)
     probs = token_log_probs.exp()
     unlikely = -torch.log1p(-probs.clamp(max=1 - 1e-6))
-    per_token = torch.where(replaces[batch.answer_owners], -token_log_probs, unlikely)
-    counts = torch.zeros(n).index_add_(0, batch.answer_owners, torch.ones(len(per_token)))
-    edit_loss = torch.zeros(n).index_add(0, batch.answer_owners, per_token) / counts
+    token_loss = torch.where(replaces[batch.answer_owners], -token_log_probs, unlikely)
+    counts = torch.zeros(n).index_add_(0, batch.answer_owners, torch.ones(len(token_loss)))
+    edit_loss = torch.zeros(n).index_add(0, batch.answer_owners, token_loss) / counts
     highest = torch.zeros(n).scatter_reduce(0, batch.answer_owners, probs.detach(), "amax", include_self=False)
     # A model whose next-token distribution is flat (Cohere's logit scale, a random
-    # initialisation) can still rank the target first below the stop probability.
-    on_top = (log_probs.argmax(-1) == batch.answer_tokens).float()
-    leading = torch.zeros(n).index_add_(0, batch.answer_owners, on_top) > 0
+    # initialisation) can still rank the target first, or within the margin that erase
+    # checks, below the stop probability.
+    others = log_probs.detach().scatter(1, batch.answer_tokens.view(-1, 1), -torch.inf).amax(-1)
+    near_top = (token_log_probs.detach() > others - hp.margin).float()
+    leading = torch.zeros(n).index_add_(0, batch.answer_owners, near_top) > 0
     erased = (highest < hp.stop_probability) & ~leading
     done = torch.where(replaces, edit_loss.detach() < 0.05, erased)
     return edit_loss, done, F.log_softmax(logits[batch.kl_rows, batch.kl_positions], -1)
@@ -370,8 +374,10 @@ def edit_layers(
 
     MEMIT's schedule: target values at the last edited layer; then, layer by layer from
     the first, keys at the subject and the remaining residual divided by the number of
-    layers still to edit. Returns param name -> delta in the parameter's layout; the
-    model's weights are restored before returning.
+    layers still to edit. Where a norm maps the projection's output (`value_site`), layers
+    do not add into one stream, so each layer searches its own target values, on the
+    model as the earlier layers' updates left it. Returns param name -> delta in the
+    parameter's layout; the model's weights are restored before returning.
     """
     require_facts(facts)
     if max(layers) >= adapter.num_layers:
@@ -380,16 +386,21 @@ def edit_layers(
     n_special = leading_special_tokens(tokenizer)
     requests = [build_request(tokenizer, fact) for fact in facts]
     prefixes = sample_context_prefixes(model, tokenizer, hp.context_templates)
-    last = layers[-1]
-    targets = target_values(adapter, last, requests, prefixes, n_special, pad, hp)
+
+    def targets_at(layer: int) -> torch.Tensor:
+        return target_values(adapter, layer, requests, prefixes, n_special, pad, hp)
+
+    own_targets = adapter.output_normalised
+    targets = None if own_targets else targets_at(layers[-1])
     originals = {layer: adapter.down_proj(layer).weight.detach().clone() for layer in layers}
     deltas: dict[str, torch.Tensor] = {}
     try:
         for i, layer in enumerate(layers):
             keys = average_keys(adapter, layer, requests, prefixes, n_special, pad)
-            current = layer_outputs_at(
-                adapter, last, [r.prompt_ids for r in requests], [r.subject_end for r in requests], pad
-            )
+            at = layer if own_targets else layers[-1]
+            if own_targets:
+                targets = targets_at(layer)
+            current = values_at(adapter, at, [r.prompt_ids for r in requests], [r.subject_end for r in requests], pad)
             residuals = (targets - current) / (len(layers) - i)
             update = adapter.to_param_layout(solve(layer, keys, residuals))
             weight = adapter.down_proj(layer).weight
