@@ -338,12 +338,16 @@ def _search_step(adapter, layer, batch, shift, requests, active, pad, hp):
     edit_loss = torch.zeros(n).index_add(0, batch.answer_owners, token_loss) / counts
     highest = torch.zeros(n).scatter_reduce(0, batch.answer_owners, probs.detach(), "amax", include_self=False)
     # A model whose next-token distribution is flat (Cohere's logit scale, a random
-    # initialisation) can still rank the target first, or within the margin that erase
-    # checks, below the stop probability.
+    # initialisation) can still rank the target first below the stop probability, or a hair
+    # behind the first, where erase's check (some target token trails by the margin) still
+    # counts the fact answered: in every context, some token must trail by the margin.
     others = log_probs.detach().scatter(1, batch.answer_tokens.view(-1, 1), -torch.inf).amax(-1)
-    near_top = (token_log_probs.detach() > others - hp.margin).float()
-    leading = torch.zeros(n).index_add_(0, batch.answer_owners, near_top) > 0
-    erased = (highest < hp.stop_probability) & ~leading
+    gap = token_log_probs.detach() - others
+    leading = torch.zeros(n).index_add_(0, batch.answer_owners, (gap > 0).float()) > 0
+    row_trails = torch.zeros(len(batch.sequences)).index_add_(0, batch.answer_rows, (gap <= -hp.margin).float()) > 0
+    answered_rows = batch.answer_rows.unique()
+    untrailed = torch.zeros(n).index_add_(0, batch.owners[answered_rows], (~row_trails[answered_rows]).float())
+    erased = (highest < hp.stop_probability) & ~leading & (untrailed == 0)
     done = torch.where(replaces, edit_loss.detach() < 0.05, erased)
     return edit_loss, done, F.log_softmax(logits[batch.kl_rows, batch.kl_positions], -1)
 
