@@ -35,20 +35,21 @@ def test_lm_fixture_loads_with_auto_classes_and_knows_its_facts(lm_fixture):
     assert (lm_fixture / "corpus.txt").read_text().strip()
 
 
-def test_the_gpt2_architecture_learns_a_slice_of_the_world(tmp_path):
-    """The builder's GPT-2 branch on a short run: 20 people's facts, 300 steps. (The full
-    build, `patcher fixture lm --arch gpt2`, trains on everything for 1600 steps and raises
-    below 95%, like the Llama build every other test uses.)"""
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_the_other_architectures_learn_a_slice_of_the_world(tmp_path, arch):
+    """The builder's other architectures on a short run: 20 people's facts, 300 steps. (The
+    full build, `patcher fixture lm --arch ARCH`, trains on everything for 1600 steps and
+    raises below 95%, like the Llama build every other test uses.)"""
     facts = knowledge.build_facts(0)
     subjects = list(dict.fromkeys(fact.subject for fact in facts))[:20]
     chosen = [fact for fact in facts if fact.subject in subjects]
     tokenizer = lm.build_tokenizer()
     torch.manual_seed(0)
-    model = lm.build_model("gpt2", len(tokenizer), tokenizer)
+    model = lm.build_model(arch, len(tokenizer), tokenizer)
     lm.train(model, tokenizer, knowledge.training_sentences(chosen), steps=300)
-    model.save_pretrained(tmp_path / "gpt2")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
-    assert loaded.config.model_type == "gpt2"
+    model.save_pretrained(tmp_path / arch)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / arch).eval()
+    assert loaded.config.model_type == arch
     assert accuracy(loaded, tokenizer, lm.all_fact_prompts(chosen)) >= 0.95
 
 
