@@ -5,7 +5,8 @@ Tensors are named `<param>.delta` (dense, in the parameter's own layout) or
 values only: `patcher_version`, `method`, `spec` (JSON), `base` (JSON: param -> sha256 of
 the base tensor's bytes), `base_dtypes` (JSON: param -> stored dtype), `tensors_sha256`
 (JSON: patch tensor -> sha256 of its own bytes, so a corrupted file is refused),
-`base_model` (the base's whole-model digest, `Checkpoint.model_digest`) and `created`.
+`base_model` (the base's whole-model digest, `Checkpoint.model_digest`), `choices` (JSON:
+what erase chose where the spec left it open, `describe_choices`) and `created`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from patcher.formats.tensorfile import read_tensors, require_file, write_tensors
 
 SUFFIXES = (".delta", ".lora_A", ".lora_B")
 REQUIRED_METADATA = ("patcher_version", "method", "spec", "base", "created")
-JSON_METADATA = ("spec", "base", "base_dtypes", "tensors_sha256")
+JSON_METADATA = ("spec", "base", "base_dtypes", "tensors_sha256", "choices")
 # A delta this many times its weight's norm is a corrupt patch or another model's, whatever
 # the fingerprints say. Real edits stay far below it: MEMIT's default erase of the LM
 # fixture, whose weights are small, moves one projection by 11 times its norm.
@@ -57,6 +58,7 @@ class Patch:
     base: dict[str, str]
     base_dtypes: dict[str, str] = field(default_factory=dict)
     base_model: str = ""  # whole-model digest of the base; empty in patches from before it existed
+    choices: dict = field(default_factory=dict)  # what erase chose itself: `describe_choices`
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     patcher_version: str = ""
 
@@ -76,6 +78,7 @@ class Patch:
         base: dict[str, str],
         base_dtypes: dict[str, str] | None = None,
         base_model: str = "",
+        choices: dict | None = None,
     ) -> Patch:
         """A patch of `<param>.delta` tensors, or `<param>.lora_A` / `.lora_B` pairs for low-rank deltas."""
 
@@ -88,7 +91,7 @@ class Patch:
                 tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = stored(delta.a), stored(delta.b)
             else:
                 tensors[f"{name}.delta"] = stored(delta)
-        return cls(tensors, method, spec, base, base_dtypes or {}, base_model)
+        return cls(tensors, method, spec, base, base_dtypes or {}, base_model, choices or {})
 
     @property
     def params(self) -> list[str]:
@@ -172,6 +175,7 @@ class Patch:
             "base": json.dumps(self.base, sort_keys=True),
             "base_dtypes": json.dumps(self.base_dtypes, sort_keys=True),
             "base_model": self.base_model,
+            "choices": json.dumps(self.choices, sort_keys=True),
             "tensors_sha256": json.dumps({n: tensor_sha256(t) for n, t in self.tensors.items()}, sort_keys=True),
             "created": self.created,
         }
@@ -191,6 +195,25 @@ class Patch:
         patch = cls(tensors=tensors, **fields)
         _check_digests(path, tensors, digests)
         return patch
+
+
+def describe_choices(choices: dict) -> list[str]:
+    """A line per choice erase made itself: `layers` (the layers edited, when the spec said
+    "auto" or a list) and `calibration` (each rung's settings, whether it erased every fact
+    and the share of the seen retain facts it kept; `chosen` indexes the rung kept)."""
+    lines = []
+    if "layers" in choices:
+        lines.append(f"layers {', '.join(map(str, choices['layers']))}")
+    trace = choices.get("calibration")
+    if trace:
+        rung = trace["rungs"][trace["chosen"]]
+        settings = ", ".join(f"{key} {value:g}" for key, value in rung.items() if key not in ("erased", "kept"))
+        lines.append(
+            f"calibration rung {trace['chosen'] + 1} of {len(trace['rungs'])} ({settings}): it kept "
+            f"{rung['kept']:.3f} of the {trace['seen_retain_facts']} retain facts erase sees "
+            f"(gate {trace['retain_gate']:g})"
+        )
+    return lines
 
 
 def matches_fingerprint(tensor: torch.Tensor, digest: str, stored_dtype: str | None) -> bool:

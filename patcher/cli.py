@@ -171,7 +171,11 @@ def demo(out: Path, as_json: bool, model: str, seed: int, threads: int | None) -
 @click.argument("kind", type=click.Choice(["lm", "diffusion", "sdxl", "classifier", "smollm2"]))
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
-    "--arch", type=click.Choice(["llama", "gpt2"]), default="llama", show_default=True, help="lm: the architecture"
+    "--arch",
+    type=click.Choice(["llama", "gpt2", "gpt_neox"]),
+    default="llama",
+    show_default=True,
+    help="lm: the architecture",
 )
 @click.option(
     "--grid",
@@ -187,7 +191,7 @@ def demo(out: Path, as_json: bool, model: str, seed: int, threads: int | None) -
 def fixture(kind: str, out: Path, arch: str, grid: str | None, seed: int, threads: int | None, as_json: bool) -> None:
     """Build a small trained model with spec.toml and corpus.txt into OUT (cached).
 
-    lm: a Llama (or GPT-2) that knows a fictitious world; diffusion: a Stable Diffusion
+    lm: a Llama (or GPT-2, GPT-NeoX) that knows a fictitious world; diffusion: a Stable Diffusion
     pipeline that draws coloured shapes, with the image judge that grades them; sdxl: the
     same shapes drawn by an SDXL pipeline (two text encoders, pooled and size conditioning);
     classifier: a ResNet that tells eight coloured shapes apart, with its train and test images;
@@ -478,8 +482,8 @@ def bench(suite: str, quick: bool) -> None:
 @click.argument("patch_path", metavar="PATCH", type=click.Path(path_type=Path))
 @json_option
 def inspect(patch_path: Path, as_json: bool) -> None:
-    """Print a patch's metadata, tensors, ranks, sizes and base fingerprints."""
-    from patcher.formats.patch import Patch
+    """Print a patch's metadata, tensors, ranks, sizes, base fingerprints and what erase chose."""
+    from patcher.formats.patch import Patch, describe_choices
 
     patch = Patch.load(patch_path)
     tensors = {
@@ -499,11 +503,13 @@ def inspect(patch_path: Path, as_json: bool) -> None:
         "bytes": patch_path.stat().st_size,
         "tensors": tensors,
         "forget_facts": len(patch.spec.get("forget", [])),
+        "choices": patch.choices,
     }
     lines = [
         f"{patch_path}: {patch.method} patch, patcher {patch.patcher_version}, created {patch.created}",
         f"{summary['bytes']} bytes, {len(tensors)} tensors, {summary['forget_facts']} forget facts",
         f"base model digest {patch.base_model[:16] or '(none: written before digests)'}",
+        *(f"erase chose {line}" for line in describe_choices(patch.choices)),
     ]
     for param, info in tensors.items():
         rank = "dense" if info["rank"] is None else f"rank {info['rank']}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from patcher.errors import PatcherError
-from patcher.families import check_method_fits, family_of
+from patcher.families import Edit, check_method_fits, family_of
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.patch import Patch
 from patcher.methods import get_method, robust_methods
@@ -46,13 +46,15 @@ def erase(
         if not chosen.robust:
             raise PatcherError(f"--robust-to works with {', '.join(robust_methods())}, not {chosen.name}")
     stats_path = None if stats is None else Path(stats)
-    deltas = family.edit(folder, spec, chosen, config, stats_path, tuple(robust_to))
-    return _patch(folder, deltas, chosen.name, spec)
+    edit = family.edit(folder, spec, chosen, config, stats_path, tuple(robust_to))
+    return _patch(folder, edit, chosen.name, spec)
 
 
-def _patch(folder: Path, deltas: dict, method_name: str, spec: Spec) -> Patch:
-    """The patch of `deltas`, with the fingerprints and stored dtypes of the base tensors."""
+def _patch(folder: Path, edit: Edit, method_name: str, spec: Spec) -> Patch:
+    """The patch of the edit, with the fingerprints and stored dtypes of the base tensors."""
     checkpoint = Checkpoint(folder)
+    deltas = edit.deltas
     dtypes = {name: str(checkpoint.tensor(name).dtype).removeprefix("torch.") for name in deltas}
     fingerprints = checkpoint.fingerprints(deltas)
-    return Patch.from_deltas(deltas, method_name, spec.raw, fingerprints, dtypes, checkpoint.model_digest())
+    digest = checkpoint.model_digest()
+    return Patch.from_deltas(deltas, method_name, spec.raw, fingerprints, dtypes, digest, edit.choices)

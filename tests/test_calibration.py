@@ -55,9 +55,14 @@ def test_calibrated_returns_the_first_rung_that_keeps_the_split(loaded):
         seen.append(rung)
         return _wrecking(adapter) if len(seen) == 1 else {}
 
-    deltas = calibration.calibrated(spec, config, adapter, tokenizer, edit, ("nf4",))
+    deltas, trace = calibration.calibrated(spec, config, adapter, tokenizer, edit, ("nf4",))
     assert deltas == {}
     assert seen == calibration.ladder(config)[:2]
+    # The trace: each rung tried, with its settings and the share it kept; the chosen one.
+    assert trace["chosen"] == 1 and trace["retain_gate"] == spec.gates.min_retain_ratio
+    assert [(rung["margin"], rung["l2"]) for rung in trace["rungs"]] == [(c.margin, c.l2) for c in seen]
+    assert trace["rungs"][0]["erased"] and trace["rungs"][0]["kept"] < trace["retain_gate"]
+    assert trace["rungs"][1] == {"margin": seen[1].margin, "l2": seen[1].l2, "erased": True, "kept": 1.0}
 
 
 def test_calibrated_skips_incomplete_rungs_and_raises_when_none_completes(loaded):
@@ -94,8 +99,14 @@ def test_calibrated_warns_and_keeps_the_best_when_no_rung_keeps_the_split(loaded
 
     strict = dataclasses.replace(spec, gates=dataclasses.replace(spec.gates, min_retain_ratio=1.0))
     with pytest.warns(UserWarning, match=f"keeps {shares[1]:.3f}"):
-        chosen = calibration.calibrated(strict, AlphaEditConfig(), adapter, tokenizer, edit, ())
+        chosen, trace = calibration.calibrated(strict, AlphaEditConfig(), adapter, tokenizer, edit, ())
     assert chosen is candidates[2]
+    assert trace["chosen"] == 2
+    assert [(rung["erased"], rung["kept"]) for rung in trace["rungs"]] == [
+        (True, round(shares[0], 4)),
+        (False, None),
+        (True, round(shares[1], 4)),
+    ]
 
 
 def test_target_leads_match_per_fact_logits(loaded):

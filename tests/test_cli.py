@@ -226,6 +226,16 @@ def test_inspect_reports_the_patch(memit_patch):
     assert summary["method"] == "memit"
     assert summary["forget_facts"] == len(knowledge.erasure_spec(knowledge.build_facts())["forget"])
     assert all(len(t["base_sha256"]) == 64 for t in summary["tensors"].values())
+    # What erase chose itself: the layers edited (those of the patch's tensors) and the calibration trace.
+    choices = summary["choices"]
+    assert {f"model.layers.{layer}.mlp.down_proj.weight" for layer in choices["layers"]} == set(summary["tensors"])
+    trace = choices["calibration"]
+    chosen = trace["rungs"][trace["chosen"]]
+    assert chosen["erased"] and chosen["kept"] >= trace["retain_gate"]
+    assert all(not rung["erased"] or rung["kept"] < trace["retain_gate"] for rung in trace["rungs"][: trace["chosen"]])
+    text = run_cli("inspect", str(memit_patch)).stdout
+    assert f"erase chose layers {', '.join(map(str, choices['layers']))}" in text
+    assert f"erase chose calibration rung {trace['chosen'] + 1} of {len(trace['rungs'])}" in text
 
 
 def test_verify_refuses_a_folder_patched_from_another_base(lm_fixture, memit_patch, tmp_path):

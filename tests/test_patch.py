@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from patcher.errors import PatcherError
 from patcher.formats import checkpoint as checkpoint_module
 from patcher.formats.checkpoint import Checkpoint, tensor_sha256
-from patcher.formats.patch import Patch, PatchError
+from patcher.formats.patch import Patch, PatchError, describe_choices
 
 
 def make_patch(weight=None, delta=None):
@@ -31,6 +31,30 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert loaded.method == "memit" and loaded.params == ["layer.weight"]
     assert loaded.base == patch.base and loaded.spec == {"forget": []}
     torch.testing.assert_close(loaded.delta("layer.weight"), patch.delta("layer.weight"))
+
+
+def test_the_choices_erase_made_travel_with_the_patch(tmp_path):
+    trace = {
+        "retain_gate": 0.95,
+        "seen_retain_facts": 60,
+        "rungs": [
+            {"margin": 1.0, "l2": 1.0, "erased": True, "kept": 0.9},
+            {"margin": 0.5, "l2": 1.0, "erased": False, "kept": None},
+            {"margin": 0.5, "l2": 4.0, "erased": True, "kept": 0.9667},
+        ],
+        "chosen": 2,
+    }
+    patch = Patch.from_deltas(
+        {"w": torch.zeros(2, 2)}, "alphaedit", {}, {"w": "0" * 64}, choices={"layers": [0, 1], "calibration": trace}
+    )
+    patch.save(tmp_path / "p.safetensors")
+    loaded = Patch.load(tmp_path / "p.safetensors")
+    assert loaded.choices == {"layers": [0, 1], "calibration": trace}
+    assert describe_choices(loaded.choices) == [
+        "layers 0, 1",
+        "calibration rung 3 of 3 (l2 4, margin 0.5): it kept 0.967 of the 60 retain facts erase sees (gate 0.95)",
+    ]
+    assert make_patch().choices == {} and describe_choices({}) == []
 
 
 def test_low_rank_entries_give_b_at_a():

@@ -46,6 +46,7 @@ def test_lm_release_exports_verifies_and_documents_every_format(lm_fixture, lm_r
 
     card = (out / "README.md").read_text()
     assert report["base_fingerprint"] in card and "recovery" in card
+    assert "- Erase chose layers " in card and "- Erase chose calibration rung " in card
     for fmt, row in report["formats"].items():  # recovery named per format in the matrix
         assert f"| {fmt} | {row['forget_accuracy']:.3f} |" in card and f"{row['recovery']:.3f}" in card
     assert "PeftModel.from_pretrained" in card and "ORTModelForCausalLM.from_pretrained" in card

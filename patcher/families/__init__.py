@@ -10,12 +10,22 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from patcher.errors import PatcherError
 from patcher.methods import METHODS, Deltas, Method
 from patcher.models import detect_family
 from patcher.spec import Spec
+
+
+@dataclass
+class Edit:
+    """A family's edit: the weight deltas, and what erase chose where the spec left it open
+    (the patch's `choices` metadata: `patcher.formats.patch.describe_choices`)."""
+
+    deltas: Deltas
+    choices: dict = field(default_factory=dict)
 
 
 class Family(ABC):
@@ -45,10 +55,10 @@ class Family(ABC):
         config: object,
         stats: Path | None,
         robust_to: tuple[str, ...],
-    ) -> Deltas:
+    ) -> Edit:
         """Load the model in `folder` and run `method` with `config` (its settings) on it:
         the weight deltas of the patch, named as the checkpoint files name the tensors
-        (`patcher.models.in_checkpoint_names`)."""
+        (`patcher.models.in_checkpoint_names`), and the choices made on the way."""
 
     @abstractmethod
     def verify(

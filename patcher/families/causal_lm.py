@@ -7,7 +7,7 @@ from pathlib import Path
 from patcher.adapters import CausalLMAdapter, causal_lm_adapter
 from patcher.cache import cache_dir
 from patcher.errors import PatcherError
-from patcher.families import Family, register
+from patcher.families import Edit, Family, register
 from patcher.locate import locate
 from patcher.methods import Deltas, EditInputs, calibration
 from patcher.methods.lm_edit import auto_layers
@@ -52,7 +52,7 @@ class CausalLM(Family):
     grades_artifacts = True
     paraphrase_note = "Paraphrases of every forgotten prompt (the `paraphrase` column)."
 
-    def edit(self, folder, spec, method, config, stats, robust_to) -> Deltas:
+    def edit(self, folder, spec, method, config, stats, robust_to) -> Edit:
         """Layers from the spec (or `locate`), key statistics from `stats` or the spec's
         corpus (cached), then the method, calibrated on the seen retain facts when it can be."""
         lm, tokenizer = load_causal_lm(folder)
@@ -69,11 +69,13 @@ class CausalLM(Family):
         def edit_with(settings) -> Deltas:
             return method.run(EditInputs(adapter, tokenizer, spec, settings, moments, layers, robust_to))
 
+        choices: dict = {"layers": layers}
         if method.calibrated and spec.retain and config.calibrate:
-            deltas = calibration.calibrated(spec, config, adapter, tokenizer, edit_with, robust_to)
+            deltas, trace = calibration.calibrated(spec, config, adapter, tokenizer, edit_with, robust_to)
+            choices["calibration"] = trace
         else:
             deltas = edit_with(config)
-        return in_checkpoint_names(lm, deltas)
+        return Edit(in_checkpoint_names(lm, deltas), choices)
 
     def verify(self, base, patched, spec, formats, artifacts) -> dict:
         return verify_lm(base, patched, spec, formats, artifacts)

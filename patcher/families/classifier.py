@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from patcher.families import Family, register
-from patcher.methods import Deltas, EditInputs
+from patcher.families import Edit, Family, register
+from patcher.methods import EditInputs
 from patcher.models import in_checkpoint_names, load_classifier
 from patcher.spec import Spec
 from patcher.verification.classifier import verify_classifier
@@ -12,9 +12,9 @@ from patcher.verification.classifier import verify_classifier
 class Classifier(Family):
     name = "classifier"
 
-    def edit(self, folder, spec, method, config, stats, robust_to) -> Deltas:
+    def edit(self, folder, spec, method, config, stats, robust_to) -> Edit:
         model = load_classifier(folder)
-        return in_checkpoint_names(model, method.run(EditInputs(model, None, spec, config, None, [])))
+        return Edit(in_checkpoint_names(model, method.run(EditInputs(model, None, spec, config, None, []))))
 
     def verify(self, base, patched, spec, formats, artifacts) -> dict:
         return verify_classifier(base, patched, spec, formats)

@@ -63,9 +63,11 @@ def calibrated(
     tokenizer,
     edit: Callable[[ClosedFormConfig], Deltas],
     formats: tuple[str, ...],
-) -> Deltas:
+) -> tuple[Deltas, dict]:
     """The first rung's deltas that erase every fact and keep the seen retain facts at the
     spec's retain gate; else those of the completed rung that keeps most, with a warning.
+    Also the search's trace: each rung's settings, whether it erased every fact and the
+    share of the seen retain facts it kept, and the index of the rung chosen.
 
     `edit` runs the method with a config. Raises the last ErasureIncomplete when no rung erases
     every fact.
@@ -73,24 +75,28 @@ def calibrated(
     facts = [(f.prompt, f.target) for f in seen_by_erase(spec.retain)]
     base_hits = answered_in_each_format(adapter.model, tokenizer, facts, formats)
     wanted = spec.gates.min_retain_ratio
-    best: tuple[float, Deltas] | None = None
+    trace: dict = {"retain_gate": wanted, "seen_retain_facts": len(facts), "rungs": []}
+    best: tuple[float, int, Deltas] | None = None
     failure: ErasureIncomplete | None = None
-    for rung in ladder(config):
+    for index, rung in enumerate(ladder(config)):
+        settings = {"margin": rung.margin, rung.preservation: getattr(rung, rung.preservation)}
         try:
             deltas = edit(rung)
         except ErasureIncomplete as err:
+            trace["rungs"].append({**settings, "erased": False, "kept": None})
             failure = err
             continue
         with deltas_applied(adapter.model, deltas):
             share = kept_share(answered_in_each_format(adapter.model, tokenizer, facts, formats), base_hits)
+        trace["rungs"].append({**settings, "erased": True, "kept": round(share, 4)})
         if share >= wanted:
-            return deltas
+            return deltas, {**trace, "chosen": index}
         if best is None or share > best[0]:
-            best = (share, deltas)
+            best = (share, index, deltas)
     if best is None:
         raise failure
     warnings.warn(
         f"no setting tried kept {wanted:.3f} of the seen retain facts: the patch keeps {best[0]:.3f} of them",
         stacklevel=2,
     )
-    return best[1]
+    return best[2], {**trace, "chosen": best[1]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from patcher.formats.patch import Patch, describe_choices
 from patcher.formats.registry import get_target
 from patcher.verification import matrix
 from patcher.verification.grading import failures_by_format
@@ -70,6 +71,7 @@ def model_card(release: Release) -> str:
         "## Method",
         "",
         f"- `{spec.method}` with {hparams}; layers `{spec.layers}`.",
+        *(f"- Erase chose {line}." for line in describe_choices(Patch.load(release.patch_path).choices)),
         f"- Patch: `{release.patch_path.name}` (weight deltas with the base tensors' fingerprints).",
         "",
         "## Verification",
