@@ -52,6 +52,8 @@ def check_format(fmt: str) -> None:
 def check_quantizable(model: torch.nn.Module, fmt: str) -> None:
     """Refuse, before any work, a model whose layers the quantizer rejects."""
     check_format(fmt)
+    if fmt in GGUF_TYPES:
+        _check_gguf_blocks(model, fmt)
     for name, module in model.named_modules():
         if fmt == "int4" and stores_transposed(module):
             raise PatcherError(
@@ -70,6 +72,17 @@ def check_quantizable(model: torch.nn.Module, fmt: str) -> None:
                     f"{name} ({out_features}x{in_features}) is too small for {fmt}: bitsandbytes' CPU kernels "
                     f"need out-features divisible by {CPU_4BIT_ROW_BLOCK} and in-features by {BLOCK_4BIT}"
                 )
+
+
+def _check_gguf_blocks(model: torch.nn.Module, fmt: str) -> None:
+    """GGUF's block types hold runs of GGUF_BLOCK consecutive weights of a row."""
+    for name, module in quantized_linears(model).items():
+        out_features, in_features = (module.weight.T if stores_transposed(module) else module.weight).shape
+        if in_features % GGUF_BLOCK:
+            raise PatcherError(
+                f"{name} ({out_features}x{in_features}) does not fit {fmt}: llama.cpp's blocks of {GGUF_BLOCK} "
+                "need rows divisible by it"
+            )
 
 
 def int4_args():

@@ -161,6 +161,25 @@ def test_gguf_block_export_refuses_rows_blocks_do_not_divide(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_edit_robust_to_gguf_refuses_rows_blocks_do_not_divide_before_any_work(tmp_path):
+    model_folder(tmp_path / "model", LlamaConfig, LlamaForCausalLM, hidden_size=48, num_attention_heads=4)
+    (tmp_path / "spec.toml").write_text(
+        '[model]\npath = "model"\n[erase]\nlayers = [0]\n'
+        '[[forget]]\nprompt = "hello world"\ntarget = " 123"\nsubject = "hello"\n'
+    )
+    spec = (
+        "--spec",
+        str(tmp_path / "spec.toml"),
+        "--robust-to",
+        "gguf-q4_0",
+        "--out",
+        str(tmp_path / "p.safetensors"),
+    )
+    result = run_cli("erase", *spec, expect=2)
+    assert "(48x48) does not fit gguf-q4_0: llama.cpp's blocks of 32 need rows divisible by it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.safetensors").exists()
+
+
 def test_a_file_transformers_would_read_as_another_model_is_refused(tmp_path):
     """transformers' GGUF tables give every Qwen3 file a head size of 128: a Qwen3 with
     another one is refused before anything ships, naming the field."""

@@ -12,6 +12,7 @@ from patcher.locate import locate
 from patcher.methods import Deltas, EditInputs, calibration
 from patcher.methods.lm_edit import auto_layers
 from patcher.models import in_checkpoint_names, load_causal_lm, model_fingerprint
+from patcher.quantizers import check_quantizable
 from patcher.spec import ForgetFact, Spec
 from patcher.stats import SecondMoments, collect_second_moments, corpus_batches, read_corpus, stats_cache_key
 from patcher.tokens import check_fits_context
@@ -58,6 +59,8 @@ class CausalLM(Family):
         lm, tokenizer = load_causal_lm(folder)
         check_fits_context(tokenizer, lm.config, spec.fact_pairs())
         adapter = causal_lm_adapter(lm)
+        for fmt in robust_to:
+            check_quantizable(lm, fmt)
         layers = resolve_layers(spec.layers, adapter, tokenizer, spec.forget)
         if not method.needs_stats:
             moments = None
