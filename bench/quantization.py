@@ -13,11 +13,12 @@ updates smaller than half a step round away.
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from tables import print_markdown, write_csv
 
 from patcher.erasure import erase
 from patcher.errors import PatcherError
@@ -83,19 +84,22 @@ def main() -> None:
                         "erase_seconds": round(seconds, 1),
                     }
                 )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print("| base | method | format | forget | paraphrase | retain ratio | recovery | edit kept | gates |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(
-            f"| {r['base']} | {r['method']} | {r['format']} | {r['forget']:.3f} | {r['paraphrase']:.3f} | "
-            f"{r['retain_ratio']:.3f} | {r['recovery']:.3f} | {r['edit_kept']:.2f} | "
-            f"{'pass' if r['passed'] else 'fail'} |"
-        )
+    write_csv(args.out, rows)
+    header = ["base", "method", "format", "forget", "paraphrase", "retain ratio", "recovery", "edit kept", "gates"]
+    print_markdown(
+        header,
+        [
+            [
+                r["base"],
+                r["method"],
+                r["format"],
+                *(f"{r[key]:.3f}" for key in ("forget", "paraphrase", "retain_ratio", "recovery")),
+                f"{r['edit_kept']:.2f}",
+                "pass" if r["passed"] else "fail",
+            ]
+            for r in rows
+        ],
+    )
     for label, error in refusals:
         print(f"\n{label} wrote no patch: {error}")
     print(f"wrote {args.out}")
