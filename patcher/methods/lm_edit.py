@@ -39,7 +39,7 @@ class TargetHparams:
     clamp_norm: float = 4.0
     context_templates: int = 6
     stop_probability: float = 0.01
-    margin: float = 0.0  # a fact is searched until its target trails another token by this many nats
+    margin: float = 0.0  # searched until, in every context, some target token trails another by this many nats
 
 
 @dataclass
