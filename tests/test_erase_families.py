@@ -42,3 +42,20 @@ def test_the_edit_erases_every_fact(tiny, method):
             params[name].add_(patch.delta(name))
     erased = _greedy_words(model, tokenizer, prompts)
     assert all(word != target for word, target in zip(erased, targets, strict=True)), erased
+
+
+def test_through_the_norm_each_edited_layer_searches_its_own_value(tmp_path):
+    write_tiny_lm("olmo2", tmp_path)
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(spec_path.read_text().replace("layers = [1]", "layers = [0, 1]"))
+    spec = load_spec(spec_path)
+    patch = erase(spec, tmp_path, method="memit")
+    assert patch.params == [f"model.layers.{layer}.mlp.down_proj.weight" for layer in (0, 1)]
+    assert all(patch.delta(name).norm() > 0 for name in patch.params)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in patch.params:
+            params[name].add_(patch.delta(name))
+    erased = _greedy_words(model, tokenizer, [f.prompt for f in spec.forget])
+    assert all(word != f.target for word, f in zip(erased, spec.forget, strict=True)), erased

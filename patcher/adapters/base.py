@@ -22,7 +22,7 @@ class CausalLMAdapter:
         layers_path: str,
         down_proj_path: str,
         weight_is_transposed: bool,
-        output_normalised: bool = False,
+        output_normalised: bool,
     ) -> None:
         self.model = model
         self.layers_path = layers_path

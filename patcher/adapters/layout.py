@@ -30,7 +30,7 @@ class Layout:
     layers_path: str
     down_proj_path: str
     weight_is_transposed: bool
-    output_normalised: bool = False
+    output_normalised: bool
 
 
 def is_projection(module: nn.Module) -> bool:

@@ -394,16 +394,14 @@ def edit_layers(
     def targets_at(layer: int) -> torch.Tensor:
         return target_values(adapter, layer, requests, prefixes, n_special, pad, hp)
 
-    own_targets = adapter.output_normalised
-    targets = None if own_targets else targets_at(layers[-1])
+    shared_targets = None if adapter.output_normalised else targets_at(layers[-1])
     originals = {layer: adapter.down_proj(layer).weight.detach().clone() for layer in layers}
     deltas: dict[str, torch.Tensor] = {}
     try:
         for i, layer in enumerate(layers):
             keys = average_keys(adapter, layer, requests, prefixes, n_special, pad)
-            at = layer if own_targets else layers[-1]
-            if own_targets:
-                targets = targets_at(layer)
+            at = layers[-1] if shared_targets is not None else layer
+            targets = shared_targets if shared_targets is not None else targets_at(layer)
             current = values_at(adapter, at, [r.prompt_ids for r in requests], [r.subject_end for r in requests], pad)
             residuals = (targets - current) / (len(layers) - i)
             update = adapter.to_param_layout(solve(layer, keys, residuals))
