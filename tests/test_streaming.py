@@ -49,7 +49,8 @@ def patch_for(folder) -> Patch:
 
 @pytest.fixture(scope="module")
 def small_sharded(tmp_path_factory):
-    return sharded_model(tmp_path_factory.mktemp("sharded") / "model", 512, 4, "16MB")
+    """About 140 MB in 16 MB shards: loading it whole would need several times the bound below."""
+    return sharded_model(tmp_path_factory.mktemp("sharded") / "model", 512, 8, "16MB")
 
 
 def test_apply_writes_base_plus_delta_shard_by_shard_within_one_shard_of_memory(small_sharded, tmp_path):
@@ -60,9 +61,13 @@ def test_apply_writes_base_plus_delta_shard_by_shard_within_one_shard_of_memory(
     command = [sys.executable, "-c", MEASURE_APPLY, str(small_sharded), str(patch_file), "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
     peak = json.loads(result.stdout.strip().splitlines()[-1])["peak_above_imports_mb"]
-    shards = list(small_sharded.glob("model-*.safetensors"))
-    largest = max(s.stat().st_size for s in shards) / 2**20
-    assert peak <= 2 * largest + patch_file.stat().st_size / 2**20
+    shards = [s.stat().st_size / 2**20 for s in small_sharded.glob("model-*.safetensors")]
+    # Apply holds the patch, one shard's mapped pages and a patched tensor or two; allocator and
+    # page-mapping noise moved the peak by up to 9 MB between identical runs, so the bound allows
+    # a third shard. Loading the whole model would need all of `shards`, over twice the bound.
+    bound = 3 * max(shards) + patch_file.stat().st_size / 2**20
+    assert sum(shards) > 2 * bound
+    assert peak <= bound
 
     base, patched = Checkpoint(small_sharded), Checkpoint(out)
     assert sorted(p.name for p in out.glob("*.safetensors*")) == sorted(p.name for p in small_sharded.glob("*.sa*"))
