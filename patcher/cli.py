@@ -95,6 +95,11 @@ def model_source_options(command):
     return run_command
 
 
+def comma_list(value: str | None) -> list[str] | None:
+    """The items of a comma-separated option, or None when it was not given."""
+    return [item.strip() for item in value.split(",") if item.strip()] if value else None
+
+
 def parse_layers(value: str | None) -> str | list[int] | None:
     if value is None or value == "auto":
         return value
@@ -331,8 +336,7 @@ def erase(
     spec = load_spec(spec_path)
     if layers is not None:
         spec.layers = parse_layers(layers)
-    formats = tuple(f.strip() for f in robust_to.split(",") if f.strip()) if robust_to else ()
-    patch = run_erase(spec, model, method, stats_path, robust_to=formats)
+    patch = run_erase(spec, model, method, stats_path, robust_to=tuple(comma_list(robust_to) or ()))
     patch.save(out)
     summary = {"path": str(out), "method": patch.method, "tensors": patch.params}
     emit(summary, as_json, f"{patch.method} patch of {len(patch.params)} tensors -> {out}")
@@ -414,6 +418,9 @@ def export(
 @click.option("--patched", type=click.Path(path_type=Path), required=True)
 @click.option("--spec", "spec_path", type=click.Path(path_type=Path), required=True)
 @click.option("--formats", default=None, help="comma-separated formats (default: the spec's)")
+@click.option(
+    "--attacks", default=None, help="comma-separated attacks, or all (default: the spec's [attacks.<name>] tables)"
+)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None)
 @json_option
 @click.option("--force", is_flag=True, help="verify even if PATCHED was patched from another base (recorded)")
@@ -423,11 +430,12 @@ def verify(
     patched: Path,
     spec_path: Path,
     formats: str | None,
+    attacks: str | None,
     report_path: Path | None,
     as_json: bool,
     force: bool,
 ) -> None:
-    """Measure erasure and retention in every format; exit 1 when a gate fails."""
+    """Measure erasure and retention in every format and under the attacks; exit 1 when a gate fails."""
     from patcher.models import resolve_model_dir
     from patcher.spec import load_spec
     from patcher.verification import matrix
@@ -437,8 +445,9 @@ def verify(
     spec = load_spec(spec_path)
     if not patched.is_dir():
         raise PatcherError(f"patched model folder {patched} does not exist")
-    chosen = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
-    report = run_verify(resolve_model_dir(base), patched, spec, chosen, force=force)
+    report = run_verify(
+        resolve_model_dir(base), patched, spec, comma_list(formats), force=force, attacks=comma_list(attacks)
+    )
     if report_path is not None:
         write_report(report, report_path)
     emit(report, as_json, matrix.as_text(report))

@@ -20,8 +20,7 @@ from transformers import AttentionInterface
 from patcher import kernels
 from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError, quoted
-from patcher.methods.lm_edit import infer_subject
-from patcher.spec import ForgetFact
+from patcher.spec import ForgetFact, infer_subject
 from patcher.tokens import encode_prompt
 
 ATTENTION_NAME = "patcher_attention_stats"

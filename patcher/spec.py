@@ -134,6 +134,7 @@ class Spec:
     formats: list[str] = field(default_factory=lambda: ["safetensors"])
     export_formats: list[str] = field(default_factory=list)
     gates: Gates = field(default_factory=Gates)
+    attacks: dict[str, dict] = field(default_factory=dict)  # [attacks.<name>] tables: budget and gate
 
     def resolve(self, relative: str) -> Path:
         """A path from the spec, relative to the spec file's folder."""
@@ -147,6 +148,31 @@ class Spec:
         forget = [(f.prompt, f.target) for f in self.forget]
         paraphrases = [(p, f.target) for f in self.forget for p in f.paraphrases]
         return forget + paraphrases + [(r.prompt, r.target) for r in self.retain]
+
+
+def infer_subject(fact: ForgetFact) -> str:
+    """The fact's subject: given, or the longest word run the prompt shares with a paraphrase."""
+    if fact.subject:
+        return fact.subject
+    if not fact.paraphrases:
+        raise PatcherError(
+            f"forget fact {fact.prompt!r} names no subject and has no paraphrase to infer one "
+            'from: add subject = "..." to it'
+        )
+    words, other = fact.prompt.split(), fact.paraphrases[0].split()
+    best: list[str] = []
+    for i in range(len(words)):
+        for j in range(i + 1, len(words) + 1):
+            run = words[i:j]
+            if len(run) > len(best) and _contains(other, run):
+                best = run
+    if not best:
+        raise PatcherError(f'cannot infer the subject of {fact.prompt!r}: add subject = "..." to it')
+    return " ".join(best)
+
+
+def _contains(words: list[str], run: list[str]) -> bool:
+    return any(words[k : k + len(run)] == run for k in range(len(words) - len(run) + 1))
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -193,12 +219,15 @@ def parse_spec(raw: dict, folder: Path, where: str = "spec") -> Spec:
         formats=[str(f) for f in verify.get("formats", ["safetensors"])],
         export_formats=[str(f) for f in raw.get("export", {}).get("formats", [])],
         gates=_gates(verify, where),
+        attacks=dict(raw.get("attacks", {})),
     )
     _check_facts(spec, where)
-    # Imported here: the methods' modules import this one for the Spec they read.
+    # Imported here: the methods' and attacks' modules import this one for the Spec they read.
+    from patcher.attacks import check_attack_tables
     from patcher.methods import check_erase_keys
 
     check_erase_keys(spec.method_settings, spec.method, where)
+    check_attack_tables(spec.attacks, where)
     return spec
 
 
@@ -274,7 +303,10 @@ def _layers(value: str | list, where: str) -> str | list[int]:
 
 def _validate(raw: dict, where: str) -> None:
     for section, value in raw.items():
-        if section in SCHEMA:
+        if section == "attacks":  # a table of [attacks.<name>] tables, checked against the attacks' budgets
+            if not isinstance(value, dict):
+                raise PatcherError(f"{where}: [attacks] must hold [attacks.<name>] tables")
+        elif section in SCHEMA:
             if not isinstance(value, dict):
                 raise PatcherError(f"{where}: [{section}] must be a table")
             if section == "erase":  # its other keys are checked against the methods' configs
@@ -292,7 +324,7 @@ def _validate(raw: dict, where: str) -> None:
                     if key not in entry:
                         raise PatcherError(f"{where}: {name} needs a {key!r} key")
         else:
-            known = ", ".join(list(SCHEMA) + list(ENTRY_SCHEMA))
+            known = ", ".join([*SCHEMA, "attacks", *ENTRY_SCHEMA])
             raise PatcherError(f"{where}: unknown section {section!r}; known sections: {known}")
 
 
@@ -306,19 +338,27 @@ def _check_table(table: dict, schema: dict[str, Any], name: str, where: str) -> 
 
 
 def dump_spec(raw: dict) -> str:
-    """Write a spec dict as TOML (tables, arrays of tables, strings, numbers, lists)."""
+    """Write a spec dict as TOML (tables and their sub-tables, arrays of tables, strings,
+    numbers, lists)."""
     lines: list[str] = []
     for section, value in raw.items():
         if isinstance(value, dict):
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
-            lines.append("")
+            lines += _table(section, value)
         else:
             for entry in value:
                 lines.append(f"[[{section}]]")
                 lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
                 lines.append("")
     return "\n".join(lines)
+
+
+def _table(name: str, table: dict) -> list[str]:
+    """`[name]` with its keys, then each sub-table as `[name.key]`."""
+    lines = [f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)] + [""]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines += _table(f"{name}.{key}", value)
+    return lines
 
 
 def _toml_value(value: Any) -> str:

@@ -67,3 +67,8 @@ def pad_id(tokenizer) -> int:
         if candidate is not None:
             return candidate
     return 0
+
+
+def leading_special_tokens(tokenizer) -> int:
+    """How many special tokens (BOS) the tokenizer puts before any text."""
+    return len(tokenizer("").input_ids)

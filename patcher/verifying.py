@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
 
+from patcher.attacks import chosen_attacks
 from patcher.errors import PatcherError
 from patcher.families import family_of
 from patcher.formats.checkpoint import Checkpoint
@@ -21,8 +23,10 @@ def verify(
     formats: list[str] | None = None,
     artifacts: dict[str, Path] | None = None,
     force: bool = False,
+    attacks: list[str] | None = None,
 ) -> dict:
-    """Evaluate base and patched model in every format; the report docs/formats.md describes.
+    """Evaluate base and patched model in every format, then run the attacks; the report
+    docs/formats.md describes.
 
     `artifacts` maps a causal LM's format to its exported folder, graded as its consumer
     loads it; other formats are quantized or exported from `patched` on load. A patched
@@ -36,7 +40,9 @@ def verify(
         if not force:
             raise PatcherError(f"{message}: pass the model it was patched from as --base, or --force")
         warnings.warn(f"--force: {message}", stacklevel=2)
-    report = family_of(spec, base).verify(base, patched, spec, formats or spec.formats, artifacts)
+    family = family_of(spec, base)
+    spec = dataclasses.replace(spec, attacks=chosen_attacks(spec, family.name, attacks))
+    report = family.verify(base, patched, spec, formats or spec.formats, artifacts)
     if mismatch is not None:
         report["base_mismatch"] = mismatch
     return report

@@ -28,6 +28,7 @@ FORBIDDEN = {
     ),
     "patcher.methods": ("patcher.verification", "patcher.families", "patcher.releasing", "patcher.api", CLI),
     "patcher.verification": ("patcher.methods", "patcher.families"),
+    "patcher.attacks": ("patcher.methods", "patcher.verification", "patcher.families", "patcher.releasing", CLI),
 }
 # The one module allowed to import the CLI: `python -m patcher`.
 CLI_LAUNCHER = "patcher.__main__"

@@ -10,9 +10,8 @@ from transformers import PreTrainedTokenizerFast
 
 from patcher.adapters import causal_lm_adapter
 from patcher.locate import locate, subject_positions, subject_prompts
-from patcher.methods.lm_edit import infer_subject
 from patcher.models import load_causal_lm
-from patcher.spec import load_spec
+from patcher.spec import infer_subject, load_spec
 
 
 def eager_subject_share(model, tokenizer, facts) -> torch.Tensor:

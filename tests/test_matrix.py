@@ -30,7 +30,16 @@ REPORT = {
             "failures": ["forget 0.250 > 0.05", "recovery 0.250 > 0.05"],
         },
     },
-    "attacks": {"relearn": {"forget_accuracy": 0.1, "passed": False, "failures": ["forget 0.100 > 0.05"]}},
+    "attacks": {
+        "relearn": {
+            "forget_accuracy": 0.1,
+            "retain_accuracy": 0.75,
+            "description": "fine-tuning on other text",
+            "budget": {"steps": 50, "lr": 0.0001},
+            "passed": False,
+            "failures": ["forget 0.100 > 0.05"],
+        }
+    },
 }
 
 
@@ -40,15 +49,20 @@ class TableCells(html.parser.HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[list[str]] = []
+        self.in_cell = False
 
     def handle_starttag(self, tag, attrs):
         if tag == "tr":
             self.rows.append([])
         elif tag in ("td", "th"):
             self.rows[-1].append("")
+            self.in_cell = True
+
+    def handle_endtag(self, tag):
+        self.in_cell = self.in_cell and tag not in ("td", "th")
 
     def handle_data(self, data):
-        if self.rows and self.rows[-1]:
+        if self.in_cell:
             self.rows[-1][-1] += data
 
 
@@ -57,7 +71,7 @@ def test_rows_hold_base_formats_and_attacks_in_report_order():
     assert [row.label for row in rows] == ["base", "safetensors", "nf4", "attack: relearn"]
     assert rows[2].values == [0.25, 0.1, 0.7, 0.875, 0.25, 13.0, 0.04]
     assert rows[2].verdict == "FAIL: forget 0.250 > 0.05; recovery 0.250 > 0.05"
-    assert rows[3].values == [0.1, *[None] * 6]
+    assert rows[3].values == [0.1, None, 0.75, *[None] * 4]  # the figures the attack measured
 
 
 def test_perplexity_columns_only_when_measured():
@@ -78,7 +92,9 @@ def test_text_markdown_and_html_show_the_same_cells():
     assert parser.rows[3][-1] == "FAIL: forget 0.250 > 0.05; recovery 0.250 > 0.05"
 
     text = matrix.as_text(REPORT).splitlines()
-    assert len(text) == 2 + len(matrix.rows(REPORT))  # header and rule first
+    assert len(text) == 2 + len(matrix.rows(REPORT)) + 1  # header and rule first, the attack's budget last
+    assert text[-1] == "attack relearn: fine-tuning on other text; budget: steps 50, lr 0.0001"
+    assert "<p>attack relearn: fine-tuning on other text; budget: steps 50, lr 0.0001</p>" in matrix.as_html(REPORT)
     nf4 = text[4].split()
     assert nf4[:8] == ["nf4", "0.250", "0.100", "0.700", "0.875", "0.250", "13.000", "0.040"]
     assert text[3].split()[-1] == "pass" and " -" in text[2]  # the base: no ratio, no verdict

@@ -13,7 +13,7 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.formats.patch import LowRankDelta
-from patcher.methods.config import parse_config, setting_types
+from patcher.settings import parse_config, setting_types
 from patcher.spec import SCHEMA, Spec
 from patcher.stats import SecondMoments
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from patcher.methods.config import setting
 from patcher.methods.lm_edit import TargetHparams
 from patcher.methods.rounds import DEFAULT_MARGIN, DEFAULT_ROUNDS
+from patcher.settings import setting
 
 
 @dataclass(frozen=True)

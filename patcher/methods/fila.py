@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from patcher.errors import ErasureIncomplete, PatcherError
 from patcher.formats.patch import LowRankDelta
 from patcher.methods import Deltas, EditInputs, register
-from patcher.methods.config import setting
 from patcher.methods.lm_edit import build_request, still_answered
+from patcher.settings import setting
 from patcher.stats import collect_fisher, corpus_batches, read_corpus
 from patcher.tokens import pad_id, right_padded
 

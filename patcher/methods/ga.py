@@ -16,9 +16,9 @@ import torch
 
 from patcher.errors import PatcherError
 from patcher.methods import Deltas, EditInputs, register
-from patcher.methods.config import setting
 from patcher.methods.lm_edit import build_request, still_answered
 from patcher.quantizers import quantized_linears
+from patcher.settings import setting
 from patcher.stats import read_corpus
 from patcher.tokens import pad_id, right_padded
 

@@ -21,8 +21,8 @@ from patcher.errors import PatcherError, quoted
 from patcher.models import trainable_only
 from patcher.progress import progress
 from patcher.scoring import target_leads
-from patcher.spec import ForgetFact
-from patcher.tokens import encode_prompt, encode_target, pad_id, right_padded
+from patcher.spec import ForgetFact, infer_subject
+from patcher.tokens import encode_prompt, encode_target, leading_special_tokens, pad_id, right_padded
 
 # (layer, keys (d_k, n), residuals (d_model, n)) -> update (d_model, d_k), all float64.
 LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,31 +53,6 @@ class EditRequest:
     replacement_ids: list[int] | None
 
 
-def infer_subject(fact: ForgetFact) -> str:
-    """The fact's subject: given, or the longest word run the prompt shares with a paraphrase."""
-    if fact.subject:
-        return fact.subject
-    if not fact.paraphrases:
-        raise PatcherError(
-            f"forget fact {fact.prompt!r} names no subject and has no paraphrase to infer one "
-            'from: add subject = "..." to it'
-        )
-    words, other = fact.prompt.split(), fact.paraphrases[0].split()
-    best: list[str] = []
-    for i in range(len(words)):
-        for j in range(i + 1, len(words) + 1):
-            run = words[i:j]
-            if len(run) > len(best) and _contains(other, run):
-                best = run
-    if not best:
-        raise PatcherError(f'cannot infer the subject of {fact.prompt!r}: add subject = "..." to it')
-    return " ".join(best)
-
-
-def _contains(words: list[str], run: list[str]) -> bool:
-    return any(words[k : k + len(run)] == run for k in range(len(words) - len(run) + 1))
-
-
 def build_request(tokenizer, fact: ForgetFact) -> EditRequest:
     """Tokenize a forget fact and locate its subject's last token."""
     subject = infer_subject(fact)
@@ -97,11 +72,6 @@ def _essence_prompt(tokenizer, subject: str) -> list[int]:
         return encode_prompt(tokenizer, f"{subject} is a")
     except PatcherError:
         return encode_prompt(tokenizer, subject)
-
-
-def leading_special_tokens(tokenizer) -> int:
-    """How many special tokens (BOS) the tokenizer puts before any text."""
-    return len(tokenizer("").input_ids)
 
 
 @torch.no_grad()

@@ -10,12 +10,12 @@ import torch
 
 from patcher.methods import Deltas, EditInputs, register
 from patcher.methods.closed_form import ClosedFormConfig
-from patcher.methods.config import setting
 from patcher.methods.linalg import guarded_solve
 from patcher.methods.lm_edit import edit_layers
 from patcher.methods.protect import protected_moments
 from patcher.methods.robust import Robustness, box_solver
 from patcher.methods.rounds import erase_in_rounds
+from patcher.settings import setting
 from patcher.stats import SecondMoments
 
 

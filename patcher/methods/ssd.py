@@ -25,7 +25,7 @@ from patcher.adapters import CausalLMAdapter
 from patcher.errors import PatcherError
 from patcher.imagesets import ImageSet
 from patcher.methods import Deltas, EditInputs, register
-from patcher.methods.config import setting
+from patcher.settings import setting
 from patcher.stats import read_corpus
 from patcher.stats.per_sample import SampleLoss, classifier_loss, lm_loss, per_sample_fisher
 from patcher.tokens import pad_id, right_padded

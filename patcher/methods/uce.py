@@ -25,8 +25,8 @@ import torch
 from patcher.adapters.unet import UNetAdapter
 from patcher.errors import PatcherError
 from patcher.methods import Deltas, EditInputs, register
-from patcher.methods.config import setting
 from patcher.methods.linalg import guarded_solve
+from patcher.settings import setting
 from patcher.spec import Spec
 
 

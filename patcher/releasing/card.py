@@ -33,9 +33,8 @@ def attacks(release: Release) -> list[str]:
         lines.append(f"- {release.family.paraphrase_note}")
     for name, attack in report.get("attacks", {}).items():
         verdict = "pass" if attack["passed"] else "**FAIL**: " + "; ".join(attack["failures"])
-        shown = attack["forget_accuracy"]
-        lines.append(f"- `{name}` attack (RECE's closed-form inverted embedding against the patched UNet): "
-                     f"the concept still shown in {shown:.3f} of the images, {verdict}.")  # fmt: skip
+        lines.append(f"- `{name}` attack ({matrix.attack_note(attack)}): "
+                     f"forget accuracy {attack['forget_accuracy']:.3f} after it, {verdict}.")  # fmt: skip
     if release.robust_to:
         lines.append(f"- The edit was solved to hold under {', '.join(release.robust_to)} (`--robust-to`).")
     return lines

@@ -88,6 +88,30 @@ def recovery_plot(report: dict) -> str:
     return _png(figure)
 
 
+def attack_plot(report: dict) -> str:
+    """Forget, paraphrase and retain accuracy after each attack, against the forget gate."""
+    plt = _pyplot()
+    attacks = report["attacks"]
+    metrics = ("forget_accuracy", "paraphrase_accuracy", "retain_accuracy")
+    figure, axis = plt.subplots(figsize=(max(5, 1.6 * len(attacks)), 3.2))
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        values = [attacks[a].get(metric) or 0.0 for a in attacks]
+        bars = axis.bar([x + i * width for x in range(len(attacks))], values, width, label=metric.split("_")[0])
+        axis.bar_label(bars, fmt="%.2f", fontsize=7)
+    for x, attack in enumerate(attacks.values()):  # each attack's own gate on forget accuracy
+        if attack.get("max_forget_accuracy") is not None:
+            label = "forget gate" if x == 0 else None
+            axis.hlines(attack["max_forget_accuracy"], x - width / 2, x + 2.5 * width, colors="black",
+                        linestyles=":", linewidth=1, label=label)  # fmt: skip
+    axis.set_xticks([x + width for x in range(len(attacks))], list(attacks))
+    axis.set_ylim(0, 1.1)
+    axis.set_ylabel("accuracy after the attack")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axis.set_title("What each attack brings back (budgets in the table's notes)")
+    return _png(figure)
+
+
 def image_grid(release: Release) -> str:
     """Images of each erased and preserved concept (the first verify prompt, fixed seeds), before and after."""
     from patcher.models import load_pipeline
@@ -130,6 +154,8 @@ def report_html(release: Release) -> str:
         f"<h2>Accuracy per format</h2>{accuracy_plot(report)}",
         f"<h2>Recovery per format</h2>{recovery_plot(report)}",
     ]
+    if report.get("attacks"):
+        sections.append(f"<h2>Attacks</h2>{attack_plot(report)}")
     if release.family.shows_images:
         sections.append(f"<h2>Images before and after</h2>{image_grid(release)}")
     return (

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from patcher.attacks import AttackInputs, run_attacks
 from patcher.errors import PatcherError
 from patcher.formats.hf import load_causal_lm
 from patcher.formats.registry import get_target
@@ -83,7 +84,8 @@ def tokenizer_of(folder: Path):
 
 
 def verify_lm(base: Path, patched: Path, spec: Spec, formats: list[str], artifacts: dict[str, Path] | None) -> dict:
-    """Forget, paraphrase and retain accuracy (and perplexity) of base and patch in every format.
+    """Forget, paraphrase and retain accuracy (and perplexity) of base and patch in every
+    format, then the spec's attacks on the full-precision patch.
 
     A format with an exported folder in `artifacts` is graded on that artifact as its
     consumer loads it; the others are quantized or exported from `patched` on load.
@@ -119,4 +121,9 @@ def verify_lm(base: Path, patched: Path, spec: Spec, formats: list[str], artifac
         rows[name] = worst_case(graded, spec.gates) if len(graded) > 1 else graded["batched"]
         rows[name]["edit_kept"] = edit_kept(*models, edit_norms)
         timings[name] = round(time.perf_counter() - start, 3)
-    return assemble_report(base, provenance.get("method", spec.method), rows, base_row, spec.gates, timings)
+    attacks = None
+    if spec.attacks:
+        inputs = AttackInputs(full_base, full_patched, tokenizer_of(patched), spec)
+        attacks = run_attacks(inputs, spec.attacks)
+        timings.update({f"attack {name}": row["seconds"] for name, row in attacks.items()})
+    return assemble_report(base, provenance.get("method", spec.method), rows, base_row, spec.gates, timings, attacks)

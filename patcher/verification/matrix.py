@@ -35,7 +35,7 @@ def columns(report: dict) -> tuple[tuple[str, str, str, int], ...]:
 
 
 def rows(report: dict) -> list[Row]:
-    """The base, each format and each attack (forget accuracy only), in report order."""
+    """The base, each format and each attack, in report order."""
     keys = [key for key, *_ in columns(report)]
 
     def verdict(row: dict) -> str:
@@ -48,7 +48,7 @@ def rows(report: dict) -> list[Row]:
         for way, graded in row.get("batchings", {}).items():  # the worse of them is gated, above
             shown.append(Row(f"  {way}", [graded.get(k) for k in keys], "", None))
     for name, attack in report.get("attacks", {}).items():
-        values = [attack["forget_accuracy"], *([None] * (len(keys) - 1))]
+        values = [attack.get(k) for k in keys]  # the figures the attack measures; blank elsewhere
         shown.append(Row(f"attack: {name}", values, verdict(attack), attack["passed"]))
     return shown
 
@@ -56,12 +56,23 @@ def rows(report: dict) -> list[Row]:
 def as_text(report: dict) -> str:
     """A fixed-width table for the terminal."""
     spec = columns(report)
-    header = f"{'format':<18}" + "".join(f"{text:>{width}}" for _, text, _, width in spec)
+    header = f"{'format':<22}" + "".join(f"{text:>{width}}" for _, text, _, width in spec)
     lines = [header + "  result", "-" * (len(header) + 8)]
     for row in rows(report):
         cells = "".join(_text_cell(value, width) for value, (*_, width) in zip(row.values, spec, strict=True))
-        lines.append(f"{row.label:<18}{cells}  {row.verdict or '-'}")
-    return "\n".join(lines)
+        lines.append(f"{row.label:<22}{cells}  {row.verdict or '-'}")
+    return "\n".join(lines + attack_notes(report))
+
+
+def attack_notes(report: dict) -> list[str]:
+    """One line per attack: what it tried and with how much effort."""
+    return [f"attack {name}: {attack_note(attack)}" for name, attack in report.get("attacks", {}).items()]
+
+
+def attack_note(attack: dict) -> str:
+    """An attack row's description and budget."""
+    budget = ", ".join(f"{key} {value}" for key, value in attack.get("budget", {}).items())
+    return attack.get("description", "") + (f"; budget: {budget}" if budget else "")
 
 
 def as_markdown(report: dict) -> list[str]:
@@ -89,7 +100,8 @@ def as_html(report: dict) -> str:
         kind = {True: "pass", False: "fail"}.get(row.passed)
         verdict = f'<span class="{kind}">{html.escape(row.verdict)}</span>' if kind else "–"
         body.append(f'<tr><td>{html.escape(row.label)}</td>{cells}<td style="text-align:left">{verdict}</td></tr>')
-    return f"<table>{head}{''.join(body)}</table>"
+    notes = "".join(f"<p>{html.escape(note)}</p>" for note in attack_notes(report))
+    return f"<table>{head}{''.join(body)}</table>{notes}"
 
 
 def _cell(value: float | None) -> str:

@@ -40,6 +40,8 @@ def verify_pipeline(base: Path, patched: Path, spec: Spec, formats: list[str]) -
     timings["inversion_attack"] = round(time.perf_counter() - start, 3)
     limit = spec.gates.max_attack_accuracy
     failures = [f"forget_accuracy {attack:.3f} > {limit}"] if limit is not None and attack > limit else []
-    attacks = {"inversion": {"forget_accuracy": attack, "failures": failures, "passed": not failures}}
+    description = "RECE's closed-form inverted embedding against the patched UNet; share of images showing the concept"
+    attacks = {"inversion": {"forget_accuracy": attack, "description": description, "max_forget_accuracy": limit,
+                             "failures": failures, "passed": not failures}}  # fmt: skip
     method = read_provenance(patched).get("method", spec.method)
     return assemble_report(base, method, rows, base_row, spec.gates, timings, attacks)

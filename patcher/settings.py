@@ -1,4 +1,5 @@
-"""Typed method settings: a method's `[erase]` keys, declared once as a dataclass.
+"""Typed settings: a method's `[erase]` keys or an attack's `[attacks.<name>]` budget,
+declared once as a dataclass.
 
 Each field is one spec key, with its default and a line of help (`setting`). The spec
 reference in docs/spec.md is generated from these fields, and `parse_config` checks a
@@ -34,8 +35,9 @@ def setting_types(config: type) -> dict[str, type]:
     return kinds
 
 
-def check_value(key: str, value: Any, kind: type, method: str) -> Any:
-    """`value` as `kind` (an integer is a valid float), or a PatcherError naming the key."""
+def check_value(key: str, value: Any, kind: type, owner: str, section: str = "erase") -> Any:
+    """`value` as `kind` (an integer is a valid float), or a PatcherError naming the key as
+    `section.key` and the method or attack (`owner`) that reads it."""
     if kind is bool:
         valid = isinstance(value, bool)
     elif kind is int:
@@ -43,12 +45,12 @@ def check_value(key: str, value: Any, kind: type, method: str) -> Any:
     else:
         valid = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not valid:
-        raise PatcherError(f"erase.{key} must be {_TYPE_NAMES[kind]} for {method}, not {value!r}")
+        raise PatcherError(f"{section}.{key} must be {_TYPE_NAMES[kind]} for {owner}, not {value!r}")
     return kind(value)
 
 
-def parse_config(config: type, settings: dict[str, Any], method: str) -> Any:
-    """An instance of `config` from the [erase] keys it declares; other keys are left to the
-    methods that read them (a spec may carry settings for a `--method` alternative)."""
+def parse_config(config: type, settings: dict[str, Any], owner: str, section: str = "erase") -> Any:
+    """An instance of `config` from the keys of `section` it declares; other keys are left to
+    the methods that read them (a spec may carry settings for a `--method` alternative)."""
     kinds = setting_types(config)
-    return config(**{k: check_value(k, v, kinds[k], method) for k, v in settings.items() if k in kinds})
+    return config(**{k: check_value(k, v, kinds[k], owner, section) for k, v in settings.items() if k in kinds})

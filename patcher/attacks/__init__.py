@@ -1,0 +1,137 @@
+"""Attacks on a patched model, registered by name: each tries one way back to the erased
+knowledge within a budget the spec states, and verify gates what came back.
+
+An attack is one module that decorates its function with `register`; its budget is a
+dataclass of `setting` fields, the keys of the spec's `[attacks.<name>]` table. Beside the
+budget, every table takes `max_forget_accuracy`, the attack's gate (default: the spec's
+`verify.max_forget_accuracy`), so "passed" always means "passed against this much effort".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from patcher.errors import PatcherError
+from patcher.settings import parse_config, setting_types
+from patcher.spec import Spec
+
+GATE_KEY = "max_forget_accuracy"
+
+
+@dataclass
+class AttackInputs:
+    """What an attack on a causal LM may read: the base and the patched model (full precision,
+    never modified: an attack that trains works on its own copy), tokenizer and spec."""
+
+    base: Any
+    patched: Any
+    tokenizer: Any
+    spec: Spec
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A registered attack: its function, its budget's dataclass and the families it attacks."""
+
+    name: str
+    run: Callable[[AttackInputs, Any], dict]  # returns its figures; `forget_accuracy` is gated
+    budget: type
+    families: tuple[str, ...]
+    description: str  # one line for the report and the model card
+
+    def configure(self, table: dict[str, Any]) -> Any:
+        """The budget from the spec's `[attacks.<name>]` table (the gate key aside)."""
+        settings = {k: v for k, v in table.items() if k != GATE_KEY}
+        return parse_config(self.budget, settings, self.name, f"attacks.{self.name}")
+
+
+ATTACKS: dict[str, Attack] = {}
+
+
+def register(name: str, budget: type, families: tuple[str, ...], description: str):
+    """Add the decorated function to the registry as attack `name` (a `--attacks` value)."""
+
+    def decorate(run: Callable[[AttackInputs, Any], dict]) -> Callable[[AttackInputs, Any], dict]:
+        ATTACKS[name] = Attack(name, run, budget, families, description)
+        return run
+
+    return decorate
+
+
+def attacks_for(family: str) -> list[str]:
+    """The registered attacks that run on `family`."""
+    return [name for name, attack in ATTACKS.items() if family in attack.families]
+
+
+def check_attack_tables(tables: dict[str, Any], where: str) -> None:
+    """A PatcherError for an `[attacks.<name>]` table naming no attack, with a key its budget
+    does not declare, or with a value of the wrong type."""
+    for name, table in tables.items():
+        if name not in ATTACKS:
+            raise PatcherError(f"{where}: unknown attack [attacks.{name}]; known attacks: {', '.join(ATTACKS)}")
+        if not isinstance(table, dict):
+            raise PatcherError(f"{where}: [attacks.{name}] must be a table of budget keys")
+        known = [*setting_types(ATTACKS[name].budget), GATE_KEY]
+        for key in table:
+            if key not in known:
+                raise PatcherError(f"{where}: unknown key 'attacks.{name}.{key}'; known keys: {', '.join(known)}")
+        gate = table.get(GATE_KEY, 0.0)
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0.0 <= gate <= 1.0:
+            raise PatcherError(f"{where}: attacks.{name}.{GATE_KEY} must be a number between 0 and 1")
+        try:
+            ATTACKS[name].configure(table)
+        except PatcherError as err:
+            raise PatcherError(f"{where}: {err}") from None
+
+
+def chosen_attacks(spec: Spec, family: str, names: list[str] | None) -> dict[str, dict]:
+    """The attacks to run and their tables: `names` (a `--attacks` list, "all" for every
+    attack of `family`) with the spec's tables where it has them, else the spec's own tables."""
+    if names is None:
+        chosen = dict(spec.attacks)
+    else:
+        names = attacks_for(family) if names == ["all"] else names
+        chosen = {name: spec.attacks.get(name, {}) for name in names}
+    for name in chosen:
+        if name not in ATTACKS:
+            raise PatcherError(f"unknown attack {name!r}: use all or one of {', '.join(ATTACKS)}")
+        if family not in ATTACKS[name].families:
+            raise PatcherError(
+                f"the {name} attack does not run on a {family} model: its attacks are "
+                f"{', '.join(attacks_for(family)) or 'none registered'}"
+            )
+    return chosen
+
+
+def run_attacks(inputs: AttackInputs, tables: dict[str, dict]) -> dict[str, dict]:
+    """Each attack's row: its figures, its budget, the gate's verdict and its time."""
+    rows = {}
+    for name, table in tables.items():
+        attack = ATTACKS[name]
+        budget = attack.configure(table)
+        start = time.perf_counter()
+        row = attack.run(inputs, budget)
+        limit = float(table.get(GATE_KEY, inputs.spec.gates.max_forget_accuracy))
+        recovered = row["forget_accuracy"]
+        failures = [f"forget_accuracy {recovered:.3f} > {limit}"] if recovered > limit else []
+        rows[name] = {
+            **row,
+            "description": attack.description,
+            "budget": dataclasses.asdict(budget),
+            GATE_KEY: limit,
+            "seconds": round(time.perf_counter() - start, 3),
+            "failures": failures,
+            "passed": not failures,
+        }
+    return rows
+
+
+# Importing every module of this package registers its attacks: a new attack is one new file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
