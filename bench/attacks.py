@@ -5,7 +5,7 @@
 Each method erases the fixture's spec (plain, and MEMIT and AlphaEdit also with
 `--robust-to int8,nf4,fp4`), the patch is applied, and each attack runs on the patched
 model as `patcher verify --attacks` runs it: relearning at its default budget and at a
-larger one, and the soft-prompt attack. The base model is attacked too, as the reference
+larger one, the soft-prompt attack and the probe. The base model is attacked too, as the reference
 an attack must not damage. Prints a Markdown table (forget accuracy after the attack, the
 gate's verdict at the spec's max_forget_accuracy) and writes it as CSV.
 """
@@ -43,6 +43,7 @@ BUDGETS = [
     ("relearn (default)", "relearn", {}),
     ("relearn (100 steps, lr 3e-4)", "relearn", {"steps": 100, "lr": 3e-4}),
     ("soft_prompt (default)", "soft_prompt", {}),
+    ("probe (default)", "probe", {}),
 ]
 
 

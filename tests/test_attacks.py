@@ -1,20 +1,25 @@
-"""Attacks on a patched causal LM: each brings erased facts back from a MEMIT patch of the LM
-fixture, none "recovers" facts the base never knew, relearning leaves the base's retain
+"""Attacks on a patched causal LM: each brings erased facts back from a patch weak against it
+(relearning and the soft prompt from MEMIT's on the LM fixture, the probe from an output-only
+suppression), none "recovers" facts the base never knew, relearning leaves the base's retain
 facts alone, and verify, the spec and the report carry each attack with its budget."""
 
+import copy
 import dataclasses
 import json
 import sys
 import types
 
 import pytest
+import torch
 from helpers import contributing_recipe, run_cli
 
 from patcher import attacks
 from patcher.attacks import ATTACKS, AttackInputs
 from patcher.errors import PatcherError
 from patcher.formats.hf import load_causal_lm
+from patcher.scoring import accuracy
 from patcher.spec import dump_spec, load_spec, parse_spec
+from patcher.tokens import encode_target
 from patcher.verification.lm import tokenizer_of
 
 
@@ -43,7 +48,21 @@ def test_each_attack_brings_facts_back_from_a_memit_patch(models, name):
     assert row["forget_accuracy"] > 0.05
 
 
-@pytest.mark.parametrize("name", ["relearn", "soft_prompt"])
+def test_the_probe_reads_answers_an_output_only_patch_still_holds(models):
+    base, _, tokenizer, spec, _ = models
+    # A deliberately weak erasure: the forget answers' first tokens negated in the unembedding,
+    # so none is produced while every hidden state is the base's.
+    weak = copy.deepcopy(base)
+    rows = sorted({encode_target(tokenizer, f.target)[0] for f in spec.forget})
+    with torch.no_grad():
+        weak.get_output_embeddings().weight[rows] *= -1
+    assert accuracy(weak, tokenizer, [(f.prompt, f.target) for f in spec.forget]) == 0.0
+    row = ATTACKS["probe"].run(AttackInputs(base, weak, tokenizer, spec), ATTACKS["probe"].budget())
+    assert row["forget_accuracy"] >= 0.5 and row["layer"] == len(row["per_layer"]) - 1  # read off the last layer
+    assert all(layer["patched"] == layer["base"] for layer in row["per_layer"])
+
+
+@pytest.mark.parametrize("name", ["relearn", "soft_prompt", "probe"])
 def test_no_attack_recovers_what_the_base_never_knew(models, name):
     base, _, tokenizer, spec, _ = models
     attack = ATTACKS[name]
@@ -119,7 +138,7 @@ def test_an_attack_of_another_family_is_one_line_and_exit_2(classifier_fixture, 
     result = run_cli(*args, "--attacks", "relearn", expect=2)
     assert result.stderr.count("\n") == 1 and "does not run on a classifier model" in result.stderr
     result = run_cli(*args, "--attacks", "jailbreak", expect=2)
-    assert "unknown attack 'jailbreak': use all or one of relearn, soft_prompt" in result.stderr
+    assert "unknown attack 'jailbreak': use all or one of probe, relearn, soft_prompt" in result.stderr
 
 
 def test_a_spec_with_attack_tables_round_trips_through_dump_spec(tmp_path):
@@ -133,7 +152,7 @@ def test_the_contributing_recipe_adds_an_attack_with_one_module(monkeypatch, mod
     module = types.ModuleType("patcher.attacks.few_shot")
     monkeypatch.setitem(sys.modules, module.__name__, module)
     exec(compile(contributing_recipe("attack"), "patcher/attacks/few_shot.py", "exec"), module.__dict__)
-    assert attacks.attacks_for("causal-lm") == ["relearn", "soft_prompt", "few_shot"]
+    assert attacks.attacks_for("causal-lm") == ["probe", "relearn", "soft_prompt", "few_shot"]
 
     base, _, tokenizer, spec, _ = models
     with pytest.raises(PatcherError, match="attacks.few_shot.shots must be an integer for few_shot"):

@@ -100,11 +100,17 @@ def test_a_release_whose_gates_fail_exits_1_and_names_the_format(lm_fixture, tmp
     spec = tomllib.loads((lm_fixture / "spec.toml").read_text())
     spec["erase"] = {"method": "ga", "layers": spec["erase"]["layers"]}
     spec["verify"]["formats"] = ["safetensors", "int8"]
+    spec["attacks"] = {"probe": {"steps": 100}}
     (lm_fixture / "ga.toml").write_text(dump_spec(spec))
     result = run_cli("release", str(lm_fixture / "ga.toml"), "--out", str(tmp_path / "ga"), expect=1)
     failing = [line for line in result.stdout.splitlines() if line.startswith("release FAILED in")]
     assert failing and "safetensors" in failing[0]
-    assert "FAIL" in (tmp_path / "ga" / "README.md").read_text()
+    card = (tmp_path / "ga" / "README.md").read_text()
+    assert "FAIL" in card
+    # The spec's attack ran, with its budget in the card and a plot per layer in the page.
+    probe = json.loads((tmp_path / "ga" / "report.json").read_text())["attacks"]["probe"]
+    assert probe["budget"]["steps"] == 100 and "| attack: probe |" in card and "budget: steps 100" in card
+    assert (tmp_path / "ga" / "report.html").read_text().count("data:image/png;base64,") == 4
 
 
 def test_bad_release_input_is_one_line_and_exit_2(lm_fixture, tmp_path):

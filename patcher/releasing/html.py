@@ -112,6 +112,22 @@ def attack_plot(report: dict) -> str:
     return _png(figure)
 
 
+def probe_plot(per_layer: list[dict]) -> str:
+    """The probe's accuracy on the forget answers per layer, read from the base and the patch."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 2.8))
+    layers = [row["layer"] for row in per_layer]
+    for key, style in (("base", "--"), ("patched", "-")):
+        axis.plot(layers, [row[key] for row in per_layer], style, marker="o", label=key)
+    axis.set_xticks(layers)
+    axis.set_xlabel("hidden state (0: embeddings, L: after decoder layer L - 1)")
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("forget answers read")
+    axis.legend(fontsize=8)
+    axis.set_title("Linear probe per layer: knowledge left in the hidden states")
+    return _png(figure)
+
+
 def image_grid(release: Release) -> str:
     """Images of each erased and preserved concept (the first verify prompt, fixed seeds), before and after."""
     from patcher.models import load_pipeline
@@ -156,6 +172,7 @@ def report_html(release: Release) -> str:
     ]
     if report.get("attacks"):
         sections.append(f"<h2>Attacks</h2>{attack_plot(report)}")
+        sections += [probe_plot(row["per_layer"]) for row in report["attacks"].values() if "per_layer" in row]
     if release.family.shows_images:
         sections.append(f"<h2>Images before and after</h2>{image_grid(release)}")
     return (
