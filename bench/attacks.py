@@ -1,4 +1,4 @@
-"""Every causal-LM method against every attack on the LM fixture, at stated budgets.
+"""The causal-LM methods against every attack on the LM fixture, at stated budgets.
 
     python bench/attacks.py [--methods memit,alphaedit,...] [--out bench/results/attacks-cpu.csv]
 
