@@ -18,9 +18,10 @@ from patcher.errors import PatcherError
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field: its default and the line the spec reference prints for it."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, minimum: float | None = None) -> Any:
+    """A config field: its default, the line the spec reference prints for it and, for a
+    number, the smallest value it accepts."""
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum})
 
 
 def setting_types(config: type) -> dict[str, type]:
@@ -53,4 +54,9 @@ def parse_config(config: type, settings: dict[str, Any], owner: str, section: st
     """An instance of `config` from the keys of `section` it declares; other keys are left to
     the methods that read them (a spec may carry settings for a `--method` alternative)."""
     kinds = setting_types(config)
-    return config(**{k: check_value(k, v, kinds[k], owner, section) for k, v in settings.items() if k in kinds})
+    minimums = {field.name: field.metadata.get("minimum") for field in dataclasses.fields(config)}
+    values = {k: check_value(k, v, kinds[k], owner, section) for k, v in settings.items() if k in kinds}
+    for key, value in values.items():
+        if minimums[key] is not None and value < minimums[key]:
+            raise PatcherError(f"{section}.{key} must be at least {minimums[key]} for {owner}, not {value!r}")
+    return config(**values)

@@ -123,6 +123,8 @@ def test_verify_runs_the_attacks_and_gates_them(models, lm_fixture, tmp_path):
         ({"jailbreak": {}}, "unknown attack [attacks.jailbreak]"),
         ({"soft_prompt": {"max_forget_accuracy": 2}}, "attacks.soft_prompt.max_forget_accuracy must be a number"),
         ({"relearn": 3}, "[attacks.relearn] must be a table"),
+        ({"relearn": {"batch_size": 0}}, "attacks.relearn.batch_size must be at least 1 for relearn, not 0"),
+        ({"soft_prompt": {"lr": -0.1}}, "attacks.soft_prompt.lr must be at least 0 for soft_prompt, not -0.1"),
     ],
 )
 def test_a_bad_attack_table_is_refused_naming_the_key(tmp_path, table, message):

@@ -27,10 +27,12 @@ from patcher.tokens import encode_prompt, encode_target, pad_id, right_padded
 class ProbeBudget:
     """The probe attack's [attacks.probe] keys."""
 
-    steps: int = setting(300, "full-batch Adam steps per layer's probe")
-    lr: float = setting(0.05, "Adam's learning rate")
-    weight_decay: float = setting(1e-3, "L2 penalty on the probe's weights")
-    min_base_accuracy: float = setting(0.5, "a layer is gated if its probe reads this share of the base's answers")
+    steps: int = setting(300, "full-batch Adam steps per layer's probe", minimum=0)
+    lr: float = setting(0.05, "Adam's learning rate", minimum=0)
+    weight_decay: float = setting(1e-3, "L2 penalty on the probe's weights", minimum=0)
+    min_base_accuracy: float = setting(
+        0.5, "a layer is gated if its probe reads this share of the base's answers", minimum=0
+    )
 
 
 @torch.no_grad()

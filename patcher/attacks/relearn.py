@@ -27,9 +27,9 @@ from patcher.tokens import pad_id, right_padded
 class RelearnBudget:
     """The relearning attack's [attacks.relearn] keys."""
 
-    steps: int = setting(50, "AdamW steps of full fine-tuning")
-    lr: float = setting(1e-4, "AdamW's learning rate")
-    batch_size: int = setting(16, "sentences per step, drawn with replacement")
+    steps: int = setting(50, "AdamW steps of full fine-tuning", minimum=0)
+    lr: float = setting(1e-4, "AdamW's learning rate", minimum=0)
+    batch_size: int = setting(16, "sentences per step, drawn with replacement", minimum=1)
     seed: int = setting(0, "seed of the sentence draws")
 
 

@@ -25,9 +25,9 @@ from patcher.tokens import encode_prompt, encode_target, leading_special_tokens
 class SoftPromptBudget:
     """The soft-prompt attack's [attacks.soft_prompt] keys."""
 
-    tokens: int = setting(8, "prefix vectors, inserted after the tokenizer's special tokens")
-    steps: int = setting(100, "Adam steps on the tuned half of the forget facts")
-    lr: float = setting(0.05, "Adam's learning rate, in units of the embedding table's RMS norm")
+    tokens: int = setting(8, "prefix vectors, inserted after the tokenizer's special tokens", minimum=1)
+    steps: int = setting(100, "Adam steps on the tuned half of the forget facts", minimum=0)
+    lr: float = setting(0.05, "Adam's learning rate, in units of the embedding table's RMS norm", minimum=0)
     seed: int = setting(0, "seed of the prefix's initial vectors")
 
 
