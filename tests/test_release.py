@@ -149,7 +149,7 @@ def test_diffusion_release_writes_the_pipeline_and_an_image_grid(diffusion_fixtu
     assert {"safetensors", "int8", "nf4"} <= set(summary["formats"])
     assert (out / "artifacts" / "safetensors" / "model_index.json").is_file()
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3  # accuracy, recovery, the image grid
+    assert page.count("data:image/png;base64,") == 4  # accuracy, recovery, the inversion attack, the image grid
     assert "attack" in (out / "README.md").read_text()
 
 
