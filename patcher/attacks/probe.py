@@ -83,16 +83,13 @@ def probe(inputs: AttackInputs, budget: ProbeBudget) -> dict:
         last_token_states(inputs.patched, forget, pad),
     )
     per_layer = []
-    with torch.no_grad():
-        for layer in range(len(train)):
-            mean, std = train[layer].mean(0), train[layer].std(0).clamp(min=1e-6)
-            with torch.enable_grad():
-                classifier = train_probe((train[layer] - mean) / std, retain_labels, len(answers), budget)
-
-            def read(states: torch.Tensor, layer=layer, mean=mean, std=std, classifier=classifier) -> float:
-                return (classifier((states[layer] - mean) / std).argmax(-1) == forget_labels).float().mean().item()
-
-            per_layer.append({"layer": layer, "base": read(base_forget), "patched": read(patched_forget)})
+    for layer in range(len(train)):
+        mean, std = train[layer].mean(0), train[layer].std(0).clamp(min=1e-6)
+        classifier = train_probe((train[layer] - mean) / std, retain_labels, len(answers), budget)
+        with torch.no_grad():
+            read = [(classifier((s[layer] - mean) / std).argmax(-1) == forget_labels).float().mean().item()
+                    for s in (base_forget, patched_forget)]  # fmt: skip
+        per_layer.append({"layer": layer, "base": read[0], "patched": read[1]})
     readable = [row for row in per_layer if row["base"] >= budget.min_base_accuracy]
     best = max(readable, key=lambda row: row["patched"], default={"patched": 0.0, "layer": None})
     return {
