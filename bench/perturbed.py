@@ -61,7 +61,8 @@ def build_perturbed(name: str, folder: Path) -> float:
     if environment:
         env["PATCHER_CACHE"] = str(folder.parent / f"cache-{name}")
     start = time.perf_counter()
-    command = [sys.executable, "-m", "patcher", "fixture", "lm", *options, "--out", str(folder)]
+    # -P keeps this checkout's kernels/ folder from shadowing the `kernels` package transformers imports.
+    command = [sys.executable, "-P", "-m", "patcher", "fixture", "lm", *options, "--out", str(folder)]
     subprocess.run(command, env=env, check=True, capture_output=True)
     return time.perf_counter() - start
 
