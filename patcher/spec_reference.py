@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from patcher.attacks import ATTACKS, GATE_KEY, Attack
+from patcher.attacks import ATTACKS, Attack
 from patcher.formats.atomic import atomic_path
 from patcher.methods import METHODS, Method
 from patcher.settings import setting_types
@@ -47,7 +47,9 @@ def settings_table(config: type) -> list[str]:
 
 def attack_reference(attack: Attack) -> list[str]:
     """One attack's section: what it tries, on which families, then a row per budget key."""
-    gate = f"| `{GATE_KEY}` | float | verify's | the gate on forget accuracy after the attack |"
+    default = "verify's" if attack.default_limit is None else repr(attack.default_limit)
+    figure = attack.gated.replace("_", " ")
+    gate = f"| `{attack.gate_key}` | float | {default} | the gate: the highest {figure} that still passes |"
     head = f"{attack.description[0].upper()}{attack.description[1:]}. Runs on: {', '.join(attack.families)}."
     return [f"### `[attacks.{attack.name}]`", "", head, "", *settings_table(attack.budget), gate]
 

@@ -33,8 +33,9 @@ def attacks(release: Release) -> list[str]:
         lines.append(f"- {release.family.paraphrase_note}")
     for name, attack in report.get("attacks", {}).items():
         verdict = "pass" if attack["passed"] else "**FAIL**: " + "; ".join(attack["failures"])
+        figure = matrix.gated_figure(attack)
         lines.append(f"- `{name}` attack ({matrix.attack_note(attack)}): "
-                     f"forget accuracy {attack['forget_accuracy']:.3f} after it, {verdict}.")  # fmt: skip
+                     f"{figure.replace('_', ' ')} {attack[figure]:.3f} after it, {verdict}.")  # fmt: skip
     if release.robust_to:
         lines.append(f"- The edit was solved to hold under {', '.join(release.robust_to)} (`--robust-to`).")
     return lines

@@ -89,24 +89,28 @@ def recovery_plot(report: dict) -> str:
 
 
 def attack_plot(report: dict) -> str:
-    """Forget, paraphrase and retain accuracy after each attack, against the forget gate."""
+    """Forget, paraphrase and retain accuracy after each attack (and any other figure an attack
+    gates), each attack's gate drawn over the bar it bounds."""
     plt = _pyplot()
     attacks = report["attacks"]
+    gated = [matrix.gated_figure(a) for a in attacks.values()]
     metrics = ("forget_accuracy", "paraphrase_accuracy", "retain_accuracy")
+    metrics += tuple(dict.fromkeys(f for f in gated if f not in metrics))
     figure, axis = plt.subplots(figsize=(max(5, 1.6 * len(attacks)), 3.2))
     width = 0.8 / len(metrics)
     for i, metric in enumerate(metrics):
         values = [attacks[a].get(metric) or 0.0 for a in attacks]
-        bars = axis.bar([x + i * width for x in range(len(attacks))], values, width, label=metric.split("_")[0])
+        bars = axis.bar([x + i * width for x in range(len(attacks))], values, width, label=metric.replace("_", " "))
         axis.bar_label(bars, fmt="%.2f", fontsize=7)
-    for x, attack in enumerate(attacks.values()):  # each attack's own gate on forget accuracy
-        if attack.get("max_forget_accuracy") is not None:
-            label = "forget gate" if x == 0 else None
-            axis.hlines(attack["max_forget_accuracy"], x - width / 2, x + 2.5 * width, colors="black",
-                        linestyles=":", linewidth=1, label=label)  # fmt: skip
-    axis.set_xticks([x + width for x in range(len(attacks))], list(attacks))
+    for x, (attack, figure_key) in enumerate(zip(attacks.values(), gated, strict=True)):
+        limit = attack.get(f"max_{figure_key}")
+        if limit is not None:
+            left = x + metrics.index(figure_key) * width - width / 2
+            label = "gate" if x == 0 else None
+            axis.hlines(limit, left, left + width, colors="black", linestyles=":", linewidth=1.5, label=label)
+    axis.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(attacks))], list(attacks))
     axis.set_ylim(0, 1.1)
-    axis.set_ylabel("accuracy after the attack")
+    axis.set_ylabel("after the attack")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     axis.set_title("What each attack brings back (budgets in the table's notes)")
     return _png(figure)

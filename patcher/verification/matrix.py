@@ -65,8 +65,20 @@ def as_text(report: dict) -> str:
 
 
 def attack_notes(report: dict) -> list[str]:
-    """One line per attack: what it tried and with how much effort."""
-    return [f"attack {name}: {attack_note(attack)}" for name, attack in report.get("attacks", {}).items()]
+    """One line per attack: what it tried and with how much effort, and the figure it gates
+    where that is not one of the table's columns."""
+    shown = {key for key, *_ in columns(report)}
+    notes = []
+    for name, attack in report.get("attacks", {}).items():
+        figure = gated_figure(attack)
+        value = "" if figure in shown else f"; {figure} {attack[figure]:.3f} (gate {attack['max_' + figure]})"
+        notes.append(f"attack {name}: {attack_note(attack)}{value}")
+    return notes
+
+
+def gated_figure(attack: dict) -> str:
+    """The report key of the figure an attack row's gate bounds."""
+    return attack.get("gated", "forget_accuracy")
 
 
 def attack_note(attack: dict) -> str:
