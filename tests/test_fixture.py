@@ -69,7 +69,7 @@ def test_the_lm_trains_in_a_child_with_its_kernels_held_to_avx2(monkeypatch, tmp
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     with pytest.raises(PatcherError, match=r"^training the LM fixture failed: the llama fixture answers 90.0%$"):
         fixtures._train_lm_in_child(tmp_path, "llama", 1, 2)
-    assert seen["command"][1:] == ["-m", "patcher.fixtures.lm", str(tmp_path), "llama", "1", "2"]
+    assert seen["command"][1:] == ["-P", "-m", "patcher.fixtures.lm", str(tmp_path), "llama", "1", "2"]
     assert seen["env"]["ONEDNN_MAX_CPU_ISA"] == "SSE41"
     expected = "avx2" if machine == "x86_64" else None
     assert seen["env"].get("ATEN_CPU_CAPABILITY") == expected
