@@ -2,6 +2,7 @@
 
     python bench/attacks.py [--methods memit,alphaedit,...] [--out bench/results/attacks-cpu.csv]
     python bench/attacks.py --family classifier [--out bench/results/attacks-classifier-cpu.csv]
+    python bench/attacks.py --family diffusion [--out bench/results/attacks-diffusion-cpu.csv]
 
 On the LM fixture, each method erases the fixture's spec (plain, and MEMIT and AlphaEdit
 also with `--robust-to int8,nf4,fp4`), the patch is applied, and each attack runs on the
@@ -9,7 +10,9 @@ patched model as `patcher verify --attacks` runs it: relearning at its default b
 at a larger one, the soft-prompt attack and the probe. On the classifier fixture, SSD at
 the spec's settings and at a milder α, and gradient ascent as a reference erasure, meet
 relearning on the retained classes (default and larger budgets) and the membership test.
-The base model is attacked too, as the reference an attack must not damage. Prints a
+On the diffusion fixture, UCE and RECE (at the spec's 120 rounds and at 40) meet the
+inversion and the tuned prompt embedding (default and larger budgets), judged on the
+spec's 4 prompts × 8 seeds. The base model is attacked too, as the reference an attack must not damage. Prints a
 Markdown table (the figures after the attack, the gate's verdict) and writes it as CSV.
 """
 
@@ -167,6 +170,65 @@ def run_classifier(tmp: Path) -> tuple[list[dict], list[str], list[list[str]]]:
     return rows, header, lines
 
 
+# (label, method, spec overrides of [erase]) on the diffusion fixture
+DIFFUSION_RUNS = [
+    ("uce", "uce", {}),
+    ("rece (spec: 120 rounds)", "rece", {}),
+    ("rece, 40 rounds", "rece", {"rece_rounds": 40}),
+]
+DIFFUSION_BUDGETS = [
+    ("inversion (default)", "inversion", {}),
+    ("prompt_embedding (default)", "prompt_embedding", {}),
+    ("prompt_embedding (200 steps)", "prompt_embedding", {"steps": 200}),
+]
+
+
+def run_diffusion(tmp: Path) -> tuple[list[dict], list[str], list[list[str]]]:
+    """UCE and RECE on the diffusion fixture against the pipeline attacks."""
+    import dataclasses
+
+    from patcher.models import load_pipeline
+    from patcher.verification.images import image_metrics
+    from patcher.verification.judge import ShapeJudge
+
+    fixture = build_fixture("diffusion", tmp / "diffusion")
+    spec = load_spec(fixture / "spec.toml")
+    judge = ShapeJudge.load(fixture / "judge")
+    base = load_pipeline(fixture)
+    models = [("base (no patch)", base, None)]
+    for index, (label, method, overrides) in enumerate(DIFFUSION_RUNS):
+        run_spec = dataclasses.replace(spec, method_settings={**spec.method_settings, **overrides})
+        start = time.perf_counter()
+        patch = erase(run_spec, fixture, method=method)
+        seconds = time.perf_counter() - start
+        models.append((label, load_pipeline(write_model_folder(fixture, tmp / f"{method}-{index}", patch)), seconds))
+    rows = []
+    for label, pipe, seconds in models:
+        before = image_metrics(pipe, judge, spec)
+        for budget_label, name, table in DIFFUSION_BUDGETS:
+            row = run_attacks(AttackInputs(base, pipe, None, spec, judge), {name: table})[name]
+            rows.append(
+                {
+                    "model": label,
+                    "attack": budget_label,
+                    "forget_before": round(before["forget_accuracy"], 3),
+                    "retain_before": round(before["retain_accuracy"], 3),
+                    "forget_after": round(row["forget_accuracy"], 3),
+                    "passed": row["passed"],
+                    "attack_s": round(row["seconds"], 1),
+                    "erase_s": None if seconds is None else round(seconds, 1),
+                }
+            )
+            print(f"{label} / {budget_label}: forget {before['forget_accuracy']:.3f} -> {row['forget_accuracy']:.3f}")
+    header = ["model", "attack", "forget before", "retain before", "forget after", "gate", "attack s"]
+    figures = ("forget_before", "retain_before", "forget_after")
+    lines = [
+        [r["model"], r["attack"], *map(_cell, (r[k] for k in figures)), _verdict(r), f"{r['attack_s']:.1f}"]
+        for r in rows
+    ]
+    return rows, header, lines
+
+
 def run_lm(tmp: Path, chosen: list[str]) -> tuple[list[dict], list[str], list[list[str]]]:
     """Every chosen causal-LM method on the LM fixture against every LM attack budget."""
     rows = []
@@ -196,7 +258,7 @@ def run_lm(tmp: Path, chosen: list[str]) -> tuple[list[dict], list[str], list[li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=("lm", "classifier"), default="lm")
+    parser.add_argument("--family", choices=("lm", "classifier", "diffusion"), default="lm")
     parser.add_argument("--methods", default=",".join(sorted({m for m, _ in RUNS})), help="LM methods to run")
     parser.add_argument("--out", type=Path, help="CSV (default: bench/results/attacks[-classifier]-cpu.csv)")
     args = parser.parse_args()
@@ -204,8 +266,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.family == "lm":
             rows, header, lines = run_lm(Path(tmp), args.methods.split(","))
-        else:
+        elif args.family == "classifier":
             rows, header, lines = run_classifier(Path(tmp))
+        else:
+            rows, header, lines = run_diffusion(Path(tmp))
     suffix = "" if args.family == "lm" else f"-{args.family}"
     write_csv(args.out or Path(f"bench/results/attacks{suffix}-cpu.csv"), rows)
     print_markdown(header, lines)

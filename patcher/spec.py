@@ -21,9 +21,10 @@ GATE_KEYS = (
     "max_paraphrase_accuracy",
     "max_recovery",
     "min_retain_ratio",
-    "max_attack_accuracy",
     "max_perplexity_increase",
 )
+# Keys that moved, and where to: named in the error instead of a bare "unknown key".
+MOVED_KEYS = {"verify.max_attack_accuracy": "[attacks.inversion] max_forget_accuracy"}
 # Applied when the spec names held-out text (verify.heldout): at most 5% higher perplexity.
 DEFAULT_MAX_PERPLEXITY_INCREASE = 0.05
 # Text-to-image verification: which images to generate and who judges them.
@@ -93,7 +94,6 @@ class Gates:
     max_recovery: float = 0.05
     min_retain_ratio: float = 0.95
     max_paraphrase_accuracy: float | None = None
-    max_attack_accuracy: float | None = None  # text-to-image: images from RECE's inverted embedding
     max_perplexity_increase: float | None = None  # causal LM: on verify.heldout, against the base
 
 
@@ -330,6 +330,8 @@ def _validate(raw: dict, where: str) -> None:
 
 def _check_table(table: dict, schema: dict[str, Any], name: str, where: str) -> None:
     for key, value in table.items():
+        if f"{name}.{key}" in MOVED_KEYS:
+            raise PatcherError(f"{where}: '{name}.{key}' is now {MOVED_KEYS[f'{name}.{key}']}: set it there")
         if key not in schema:
             raise PatcherError(f"{where}: unknown key '{name}.{key}'; known keys of {name}: {', '.join(schema)}")
         expected = schema[key]

@@ -12,7 +12,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
 )
-from helpers import export_patched, pipeline_runs, run_cli
+from helpers import export_patched, pipeline_runs, reduced_spec, run_cli
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from patcher.fixtures.diffusion import write_tokenizer
@@ -111,3 +111,11 @@ def test_onnx_export_of_sdxl_is_refused_in_one_line(sdxl_fixture, erased, tmp_pa
                      expect=2)  # fmt: skip
     assert "SDXL" in result.stderr and "optimum" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_the_prompt_embedding_attack_refuses_sdxl_in_one_line(erased, sdxl_fixture, tmp_path):
+    patched = erased("uce")[1]
+    spec = reduced_spec(sdxl_fixture, tmp_path)
+    result = run_cli("verify", "--base", str(sdxl_fixture), "--patched", str(patched), "--spec", spec,
+                     "--formats", "safetensors", "--attacks", "prompt_embedding", expect=2)  # fmt: skip
+    assert result.stderr.count("\n") == 1 and "runs on SD 1.x/2.x pipelines" in result.stderr

@@ -11,12 +11,12 @@ from helpers import export_patched, pipeline_runs, reduced_spec, run_cli
 from safetensors.torch import load_file
 
 from patcher.adapters.unet import UNetAdapter
+from patcher.attacks.inversion import inverted_embeddings as attack_inversion
 from patcher.fixtures.diffusion import SHAPES, colour_templates, shape_accuracy
 from patcher.formats.checkpoint import Checkpoint
 from patcher.formats.patch import Patch
 from patcher.methods.uce import inverted_embeddings as method_inversion
 from patcher.spec import dump_spec, load_spec
-from patcher.verification.images import inverted_embeddings as attack_inversion
 from patcher.verification.judge import ShapeJudge
 
 

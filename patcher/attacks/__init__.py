@@ -28,13 +28,15 @@ FORGET_ACCURACY = "forget_accuracy"
 @dataclass
 class AttackInputs:
     """What an attack may read: the base and the patched model (full precision, never
-    modified: an attack that trains works on its own copy), the spec, and for a causal LM
-    its tokenizer. A classifier's images are the spec's `[stats]` and `[verify]` data."""
+    modified: an attack that trains works on its own copy; for text-to-image, the two
+    pipelines), the spec, a causal LM's tokenizer and a pipeline's image judge. A
+    classifier's images are the spec's `[stats]` and `[verify]` data."""
 
     base: Any
     patched: Any
     tokenizer: Any
     spec: Spec
+    judge: Any = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,16 @@ def run_attacks(inputs: AttackInputs, tables: dict[str, dict]) -> dict[str, dict
             "failures": failures,
             "passed": not failures,
         }
+    return rows
+
+
+def run_spec_attacks(inputs: AttackInputs, timings: dict[str, float]) -> dict[str, dict] | None:
+    """The rows of the attacks `inputs.spec` names (None when it names none), each attack's
+    seconds added to `timings`."""
+    if not inputs.spec.attacks:
+        return None
+    rows = run_attacks(inputs, inputs.spec.attacks)
+    timings.update({f"attack {name}": row["seconds"] for name, row in rows.items()})
     return rows
 
 

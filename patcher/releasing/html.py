@@ -134,8 +134,8 @@ def probe_plot(per_layer: list[dict]) -> str:
 
 def image_grid(release: Release) -> str:
     """Images of each erased and preserved concept (the first verify prompt, fixed seeds), before and after."""
+    from patcher.drawing import generate_images, prompts_for
     from patcher.models import load_pipeline
-    from patcher.verification.images import generate_images, prompts_for
 
     plt = _pyplot()
     spec = release.spec

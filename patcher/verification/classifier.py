@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from patcher.attacks import AttackInputs, run_attacks
+from patcher.attacks import AttackInputs, run_spec_attacks
 from patcher.errors import PatcherError
 from patcher.formats.registry import get_target
 from patcher.imagesets import ImageSet, top1_accuracy
@@ -49,9 +49,6 @@ def verify_classifier(base: Path, patched: Path, spec: Spec, formats: list[str])
     reference = class_metrics(patched_model, images, spec.forget_classes)
     timings = {"full_precision": round(time.perf_counter() - start, 3)}
     rows = {"safetensors": graded_row(dict(reference), base_row, reference, base_row, spec.gates)}
-    attacks = None
-    if spec.attacks:
-        attacks = run_attacks(AttackInputs(base_model, patched_model, None, spec), spec.attacks)
-        timings.update({f"attack {name}": row["seconds"] for name, row in attacks.items()})
+    attacks = run_spec_attacks(AttackInputs(base_model, patched_model, None, spec), timings)
     method = read_provenance(patched).get("method", spec.method)
     return assemble_report(base, method, rows, base_row, spec.gates, timings, attacks)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from patcher.attacks import AttackInputs, run_attacks
+from patcher.attacks import AttackInputs, run_spec_attacks
 from patcher.errors import PatcherError
 from patcher.formats.hf import load_causal_lm
 from patcher.formats.registry import get_target
@@ -121,9 +121,5 @@ def verify_lm(base: Path, patched: Path, spec: Spec, formats: list[str], artifac
         rows[name] = worst_case(graded, spec.gates) if len(graded) > 1 else graded["batched"]
         rows[name]["edit_kept"] = edit_kept(*models, edit_norms)
         timings[name] = round(time.perf_counter() - start, 3)
-    attacks = None
-    if spec.attacks:
-        inputs = AttackInputs(full_base, full_patched, tokenizer_of(patched), spec)
-        attacks = run_attacks(inputs, spec.attacks)
-        timings.update({f"attack {name}": row["seconds"] for name, row in attacks.items()})
+    attacks = run_spec_attacks(AttackInputs(full_base, full_patched, tokenizer_of(patched), spec), timings)
     return assemble_report(base, provenance.get("method", spec.method), rows, base_row, spec.gates, timings, attacks)

@@ -1,22 +1,23 @@
 """`patcher verify` for text-to-image pipelines: images of each concept in every format, graded
-by the judge, and RECE's closed-form inversion as an attack on the patched UNet."""
+by the judge, then the spec's attacks on the patched pipeline."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from patcher.attacks import AttackInputs, run_spec_attacks
 from patcher.formats.registry import get_target
 from patcher.models import load_pipeline
 from patcher.spec import Spec
 from patcher.verification.grading import assemble_report, graded_row
-from patcher.verification.images import image_metrics, inversion_attack_accuracy
+from patcher.verification.images import image_metrics
 from patcher.verification.judge import JUDGE_FOLDER, ShapeJudge
 from patcher.verification.report import read_provenance
 
 
 def verify_pipeline(base: Path, patched: Path, spec: Spec, formats: list[str]) -> dict:
-    """Forget, held-out-prompt and retain accuracy of base and patch in every format, and the attack."""
+    """Forget, held-out-prompt and retain accuracy of base and patch in every format, then the attacks."""
     targets = {name: get_target(name, "t2i-unet", "verify") for name in formats}
     judge = ShapeJudge.load(spec.images.judge or base / JUDGE_FOLDER)
     timings: dict[str, float] = {}
@@ -35,13 +36,6 @@ def verify_pipeline(base: Path, patched: Path, spec: Spec, formats: list[str]) -
             row = image_metrics(targets[name].load(patched), judge, spec)
         rows[name] = graded_row(row, base_in_format, reference, base_row, spec.gates)
         timings[name] = round(time.perf_counter() - start, 3)
-    start = time.perf_counter()
-    attack = inversion_attack_accuracy(base_pipe.unet, patched_pipe, judge, spec)
-    timings["inversion_attack"] = round(time.perf_counter() - start, 3)
-    limit = spec.gates.max_attack_accuracy
-    failures = [f"forget_accuracy {attack:.3f} > {limit}"] if limit is not None and attack > limit else []
-    description = "RECE's closed-form inverted embedding against the patched UNet; share of images showing the concept"
-    attacks = {"inversion": {"forget_accuracy": attack, "description": description, "max_forget_accuracy": limit,
-                             "failures": failures, "passed": not failures}}  # fmt: skip
+    attacks = run_spec_attacks(AttackInputs(base_pipe, patched_pipe, None, spec, judge), timings)
     method = read_provenance(patched).get("method", spec.method)
     return assemble_report(base, method, rows, base_row, spec.gates, timings, attacks)
