@@ -19,6 +19,7 @@ Markdown table (the figures after the attack, the gate's verdict) and writes it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 import warnings
@@ -70,6 +71,12 @@ def _cell(value: float | None) -> str:
 
 def _verdict(row: dict) -> str:
     return "pass" if row["passed"] else "fail"
+
+
+def _table_lines(rows: list[dict], figures: tuple[str, ...]) -> list[list[str]]:
+    """Each row's model, attack, `figures`, verdict and attack seconds, as table cells."""
+    return [[r["model"], r["attack"], *map(_cell, (r[k] for k in figures)), _verdict(r), f"{r['attack_s']:.1f}"]
+            for r in rows]  # fmt: skip
 
 
 def attack_rows(label: str, model, base, tokenizer, spec, seconds: float | None) -> list[dict]:
@@ -142,8 +149,6 @@ def _gradient_ascent(model, images, steps: int = 30, lr: float = 1e-3):
 
 def run_classifier(tmp: Path) -> tuple[list[dict], list[str], list[list[str]]]:
     """SSD on the classifier fixture against relearning and membership inference."""
-    import dataclasses
-
     from patcher.imagesets import ImageSet, top1_accuracy
     from patcher.models import load_classifier
 
@@ -163,10 +168,7 @@ def run_classifier(tmp: Path) -> tuple[list[dict], list[str], list[list[str]]]:
     header = ["model", "attack", "forget before", "forget after", "retain after", "membership adv.", "gate"]
     header.append("attack s")
     figures = ("forget_before", "forget_after", "retain_after", "membership_advantage")
-    lines = [
-        [r["model"], r["attack"], *map(_cell, (r[k] for k in figures)), _verdict(r), f"{r['attack_s']:.1f}"]
-        for r in rows
-    ]
+    lines = _table_lines(rows, figures)
     return rows, header, lines
 
 
@@ -185,8 +187,6 @@ DIFFUSION_BUDGETS = [
 
 def run_diffusion(tmp: Path) -> tuple[list[dict], list[str], list[list[str]]]:
     """UCE and RECE on the diffusion fixture against the pipeline attacks."""
-    import dataclasses
-
     from patcher.models import load_pipeline
     from patcher.verification.images import image_metrics
     from patcher.verification.judge import ShapeJudge
@@ -222,10 +222,7 @@ def run_diffusion(tmp: Path) -> tuple[list[dict], list[str], list[list[str]]]:
             print(f"{label} / {budget_label}: forget {before['forget_accuracy']:.3f} -> {row['forget_accuracy']:.3f}")
     header = ["model", "attack", "forget before", "retain before", "forget after", "gate", "attack s"]
     figures = ("forget_before", "retain_before", "forget_after")
-    lines = [
-        [r["model"], r["attack"], *map(_cell, (r[k] for k in figures)), _verdict(r), f"{r['attack_s']:.1f}"]
-        for r in rows
-    ]
+    lines = _table_lines(rows, figures)
     return rows, header, lines
 
 
@@ -249,10 +246,7 @@ def run_lm(tmp: Path, chosen: list[str]) -> tuple[list[dict], list[str], list[li
         rows += attack_rows(label, load_causal_lm(patched), base, tokenizer, spec, seconds)
     header = ["model", "attack", "forget before", "after", "paraphrase after", "retain after", "gate", "attack s"]
     figures = ("forget_before", "forget_after", "paraphrase_after", "retain_after")
-    lines = [
-        [r["model"], r["attack"], *map(_cell, (r[k] for k in figures)), _verdict(r), f"{r['attack_s']:.1f}"]
-        for r in rows
-    ]
+    lines = _table_lines(rows, figures)
     return rows, header, lines
 
 
